@@ -1,0 +1,24 @@
+"""histokd: self-supervised learning and knowledge distillation for medical images.
+
+Keras 3 on the TensorFlow backend. Importing histokd registers every custom
+layer, loss and model with Keras so that exported ``.keras`` files reload with
+``keras.saving.load_model`` after ``import histokd``.
+"""
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"
+
+from histokd.errors import (  # noqa: E402
+    BadImageError,
+    CollapseError,
+    ConfigError,
+    DataError,
+    HistokdError,
+    RegistryError,
+    StainError,
+    WeightsError,
+)
