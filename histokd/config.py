@@ -1,0 +1,479 @@
+"""Run configuration: a dataclass schema, YAML loading, ``--set`` overrides, validation.
+
+A run is described by one YAML file whose sections map onto the dataclasses
+below (``data``, ``views``, ``augment``, ``model``, ``loss``, ``train``,
+``eval``, ``export``). Unknown or mistyped keys are rejected with the list of
+valid keys, values are type-checked, and ``--set a.b=c`` overrides are parsed
+as YAML scalars (``--set train.epochs=3``, ``--set model.expander_dims=[64,64]``).
+
+Packaged configs live in ``histokd/configs/`` (one folder per paper plus
+``default.yaml``) and are addressed by name, e.g. ``more_from_less/table1_asym_r7``.
+
+Example:
+    >>> from histokd.config import load_config
+    >>> cfg = load_config("default", overrides=["train.epochs=1"])
+    >>> cfg.train.epochs
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from histokd.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class StainConfig:
+    """Stain normalisation applied to every batch before view making.
+
+    Args:
+        method: str. ``none`` or ``macenko`` (More From Less §2.3: "All patches are
+            colour-normalised using the Macenko method").
+        target: str. ``torchstain`` (torchstain's default reference) or a path to a target image.
+        on_failure: str. ``passthrough`` (return the tile unchanged and count it) or ``error``.
+    """
+
+    method: str = "none"
+    target: str = "torchstain"
+    on_failure: str = "passthrough"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are split.
+
+    Args:
+        source: str. ``synthetic`` (built-in H&E demo), ``folder`` (class per folder),
+            ``manifest`` (CSV), ``medmnist`` (.npz), ``tfrecord`` (made by ``histokd data prepare``),
+            ``mask_pairs`` (made by ``histokd masks``).
+        path: str. Path of the source (unused for ``synthetic``).
+        test_path: str. Optional second source used entirely as the test split
+            (e.g. CRC-VAL-HE-7K beside NCT-CRC-HE-100K, as in More From Less §2.3).
+        image_size: int. Working size in pixels (224 in the paper).
+        val_fraction, test_fraction: float. Stratified, seeded split fractions for sources without splits.
+        seed: int. Seed of the split and of shuffling.
+        synthetic_per_class, synthetic_classes: int. Size of the synthetic demo set.
+        on_bad_image: str. ``error`` or ``skip`` (skips are counted and reported).
+        cache: bool. Cache decoded images in memory (small datasets).
+        stain: StainConfig. Stain normalisation.
+    """
+
+    source: str = "synthetic"
+    path: Optional[str] = None
+    test_path: Optional[str] = None
+    image_size: int = 64
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    synthetic_per_class: int = 96
+    synthetic_classes: int = 4
+    on_bad_image: str = "error"
+    cache: bool = True
+    stain: StainConfig = field(default_factory=StainConfig)
+
+
+@dataclass
+class ViewsConfig:
+    """How a batch becomes the two views of a joint-embedding model.
+
+    Args:
+        kind: str. ``asymmetric`` (view_a downsampled, view_b original; More From Less §2.1),
+            ``symmetric`` (both downsampled), ``identity`` (supervised: one view), ``mask``
+            (view_a = nuclear-type mask, view_b = image).
+        downsample: int. Side in pixels the sparse view is downsampled to before being
+            resized back to ``data.image_size`` (Table 1: 224/112/56/28/14/7). ``null``: none.
+        augment: bool. Apply the Table S1 augmentations.
+        augment_on: str. ``host`` (in tf.data) or ``device`` (inside the training step).
+    """
+
+    kind: str = "asymmetric"
+    downsample: Optional[int] = 7
+    augment: bool = True
+    augment_on: str = "host"
+
+
+@dataclass
+class AugmentConfig:
+    """Table S1 of More From Less: augmentations and their probabilities.
+
+    Args:
+        flip: float. Probability that random left/right and up/down flips are applied (1.0).
+        crop: float. Probability of a random resized crop (1.0) with area in ``crop_scale`` (0.75–1.0).
+        noise: float. Probability of Gaussian background noise (0.3) with std ``noise_std``.
+        rotation: float. Probability of a random rotation (0.4) within ±``rotation_degrees``.
+        solarize: float. Probability of solarisation (0.3) at ``solarize_threshold``.
+        jitter: float. Probability of colour jitter (1.0) with the four strengths below.
+    """
+
+    flip: float = 1.0
+    crop: float = 1.0
+    crop_scale: List[float] = field(default_factory=lambda: [0.75, 1.0])
+    noise: float = 0.3
+    noise_std: float = 0.05
+    rotation: float = 0.4
+    rotation_degrees: float = 180.0
+    solarize: float = 0.3
+    solarize_threshold: float = 0.5
+    jitter: float = 1.0
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """The method and its networks.
+
+    Args:
+        method: str. ``vicreg``, ``simclr`` (joint embedding) or ``supervised``.
+        backbone: str. Encoder of branch a (registry name: resnet50, mobilenet_v2,
+            efficientnet_b0, xception, resnet18, ...).
+        backbone_b: str. Encoder of branch b when it differs from branch a (CASS-style); null = same kind.
+        backbone_kwargs: dict. Extra arguments of the encoder factory (e.g. ``width`` for resnet18).
+        weights: str. Optional local weights file for the encoder(s).
+        shared: bool. One encoder + expander for both branches (Table S3 "shared weights").
+        expander_dims: list. Widths of the expander's dense layers (paper: 3×8192).
+    """
+
+    method: str = "vicreg"
+    backbone: str = "resnet18"
+    backbone_b: Optional[str] = None
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None
+    shared: bool = False
+    expander_dims: List[int] = field(default_factory=lambda: [8192, 8192, 8192])
+
+
+@dataclass
+class LossConfig:
+    """Loss coefficients (More From Less §2.2, following the original implementations).
+
+    Args:
+        invariance, variance, covariance: float. VICReg's λ=25, μ=25, ν=1 (Bardes et al. 2022).
+        temperature: float. NT-Xent temperature t=0.5 (SimCLR, Chen et al. 2020).
+    """
+
+    invariance: float = 25.0
+    variance: float = 25.0
+    covariance: float = 1.0
+    temperature: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (More From Less §2.2: Adam, warm-up cosine, lr 1e-4, batch 128, 100 epochs).
+
+    Args:
+        epochs: int. Training epochs.
+        batch_size: int. Global batch size (split over replicas).
+        lr: float. Peak learning rate after warm-up.
+        warmup_epochs: float. Length of the linear warm-up in epochs (paper: 1/10).
+        weight_decay: float. AdamW-style decoupled weight decay (0: plain Adam as the paper).
+        steps_per_epoch: int. Optional cap on steps per epoch (smoke runs).
+        strategy: str. ``auto``, ``one_device``, ``mirrored`` or ``multi_worker``.
+        mixed_precision: str. Optional Keras dtype policy, e.g. ``mixed_bfloat16``.
+        jit_compile: bool. XLA; slower on CPU, so off by default.
+        checkpoint_every: int. Steps between resumable backups (0: every epoch).
+        collapse_threshold: float. Normalised embedding std below which a run is collapsed.
+        seed: int. Global seed.
+        verbose: int. Keras progress-bar verbosity (0, 1, 2).
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup_epochs: float = 0.1
+    weight_decay: float = 0.0
+    steps_per_epoch: Optional[int] = None
+    strategy: str = "auto"
+    mixed_precision: Optional[str] = None
+    jit_compile: bool = False
+    checkpoint_every: int = 0
+    collapse_threshold: float = 0.02
+    seed: int = 0
+    verbose: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """Linear evaluation (More From Less §2.2: frozen encoder, softmax dense layer,
+    100 epochs, Adam 1e-3).
+
+    Args:
+        probe_epochs: int. Epochs of the linear probe.
+        probe_lr: float. Learning rate of the probe.
+        probe_batch_size: int. Batch size of the probe.
+        label_fractions: list. Fractions of the training labels used (stratified, seeded).
+        embedding_plot: bool. Write a t-SNE/PCA scatter of test features.
+    """
+
+    probe_epochs: int = 100
+    probe_lr: float = 1e-3
+    probe_batch_size: int = 256
+    label_fractions: List[float] = field(default_factory=lambda: [1.0])
+    embedding_plot: bool = True
+
+
+@dataclass
+class ExportConfig:
+    """What a run exports.
+
+    Args:
+        saved_model: bool. Also write a TF SavedModel (``model.export``) for serving.
+    """
+
+    saved_model: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A whole run. See the module docstring."""
+
+    name: str = "default"
+    description: str = ""
+    paper: str = ""
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """A short hash of everything that affects the trained weights."""
+        d = self.to_dict()
+        for k in ("name", "description", "output_dir"):
+            d.pop(k, None)
+        d["train"].pop("verbose", None)
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CHOICES = {
+    "data.source": ["synthetic", "folder", "manifest", "medmnist", "tfrecord", "mask_pairs"],
+    "data.on_bad_image": ["error", "skip"],
+    "data.stain.method": ["none", "macenko"],
+    "data.stain.on_failure": ["passthrough", "error"],
+    "views.kind": ["asymmetric", "symmetric", "identity", "mask"],
+    "views.augment_on": ["host", "device"],
+    "model.method": ["vicreg", "simclr", "supervised"],
+    "train.strategy": ["auto", "one_device", "mirrored", "multi_worker"],
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the annotated type ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of keys {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, List):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {path!r}.{hint} Valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(cfg: RunConfig):
+    for path, allowed in CHOICES.items():
+        obj = cfg
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"{path} must be one of {allowed}, got {obj!r}")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 2:
+        raise ConfigError("train.epochs must be >= 1 and train.batch_size >= 2 (batch-statistic losses need 2+ samples)")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
+    if cfg.views.downsample is not None and cfg.views.downsample < 1:
+        raise ConfigError(f"views.downsample must be a positive size in pixels or null, got {cfg.views.downsample}")
+    if cfg.model.method == "supervised" and cfg.views.kind not in ("identity",):
+        raise ConfigError("model.method=supervised needs views.kind=identity (set views.downsample to train on downsampled images)")
+    if cfg.model.method != "supervised" and cfg.views.kind == "identity":
+        raise ConfigError(f"model.method={cfg.model.method} needs two views: views.kind asymmetric, symmetric or mask")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (the folder, CSV or file to read)")
+    if not cfg.model.expander_dims and cfg.model.method != "supervised":
+        raise ConfigError("model.expander_dims must list at least one width")
+    for f in cfg.eval.label_fractions:
+        if not 0 < f <= 1:
+            raise ConfigError(f"eval.label_fractions must be in (0, 1], got {f}")
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping at top level, got {type(data).__name__}")
+    cfg = _build(RunConfig, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r} ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML)."""
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def list_configs() -> List[str]:
+    """Names of the packaged configs (``histokd configs``)."""
+    return sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+    )
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    if p.exists():
+        return p
+    names = list_configs()
+    close = difflib.get_close_matches(name_or_path, names, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"no config {name_or_path!r}: not a file and not a packaged config.{hint} "
+        f"Run `histokd configs` to list the {len(names)} packaged configs."
+    )
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML config, following ``base:`` (a packaged name or a relative path)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    base = data.pop("base", None)
+    if base:
+        base_path = Path(path).parent / base
+        if not base_path.exists():
+            base_path = resolve_config_path(base)
+        merged = load_yaml(base_path)
+        _deep_update(merged, data)
+        data = merged
+    return data
+
+
+def _deep_update(dst: dict, src: dict):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(name_or_path: str = "default", overrides=None) -> RunConfig:
+    """Load a packaged or user config, apply ``--set`` overrides, validate.
+
+    Args:
+        name_or_path: str. A packaged config name (see :func:`list_configs`) or a YAML path.
+        overrides: list of str. ``section.key=value`` items.
+    """
+    path = resolve_config_path(name_or_path)
+    data = load_yaml(path)
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data)

@@ -1,0 +1,203 @@
+"""Transformer building blocks shared by the ViT, BEiT and Swin backbones.
+
+Multi-head self-attention with a fused query/key/value projection, the two-layer
+GELU MLP, stochastic depth (drop path) and LayerScale, as used by ViT
+(Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", §3.1, Eq. 1–4) and by
+Swin Transformer V2 (Liu et al. 2022, "Swin Transformer V2: Scaling Up Capacity
+and Resolution", §3). Every layer works on token tensors ``[..., tokens, dim]``
+and is serialisable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from histokd.errors import ConfigError
+
+def dense_initializer():
+    """Truncated normal (std 0.02) kernel initialiser used by ViT/Swin linear layers."""
+    return keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+def gelu_exact(x):
+    """GELU with the exact erf form (the ``nn.GELU()`` default of the reference models)."""
+    return ops.gelu(x, approximate=False)
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops a whole residual branch per sample during training.
+
+    Huang et al. 2016, "Deep Networks with Stochastic Depth"; used with a linear
+    rate schedule in ViT/DeiT and Swin V2 (Liu et al. 2022, §4.1).
+
+    Args:
+        rate: float. Probability of dropping the branch of one sample.
+        seed: int or None. Seed of the layer's random generator.
+
+    Example:
+        >>> y = DropPath(0.1)(keras.random.normal((4, 10, 8)), training=True)
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ConfigError(f"drop path rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = ops.floor(keep + keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator))
+        return x / keep * mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(rate=self.rate, seed=self.seed)
+        return cfg
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class LayerScale(keras.layers.Layer):
+    """Per-channel learnable scale of a residual branch (CaiT; timm ``init_values``).
+
+    Touvron et al. 2021, "Going deeper with Image Transformers", §2 (LayerScale).
+    Pathology foundation models such as UNI (ViT-L/16) use it with ``init_value=1e-5``.
+
+    Args:
+        init_value: float. Initial value of every scale.
+
+    Example:
+        >>> y = LayerScale(1e-5)(keras.random.normal((2, 5, 8)))
+    """
+
+    def __init__(self, init_value=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(
+            name="gamma", shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.init_value))
+        self.built = True
+
+    def call(self, x):
+        return x * ops.cast(self.gamma, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(init_value=self.init_value)
+        return cfg
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class MLP(keras.layers.Layer):
+    """Transformer feed-forward block: Dense → GELU (exact) → Dense.
+
+    ViT (Dosovitskiy et al. 2021) Eq. 3; Swin V2 uses the same MLP (ratio 4).
+
+    Args:
+        hidden_dim: int. Width of the hidden layer.
+        out_dim: int or None. Output width; None keeps the input width.
+
+    Example:
+        >>> y = MLP(32)(keras.random.normal((2, 5, 8)))
+    """
+
+    def __init__(self, hidden_dim, out_dim=None, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = int(hidden_dim)
+        self.out_dim = None if out_dim is None else int(out_dim)
+        self.fc1 = keras.layers.Dense(self.hidden_dim, kernel_initializer=dense_initializer(),
+                                      name="fc1")
+        self.fc2 = None
+
+    def build(self, input_shape):
+        out = self.out_dim or int(input_shape[-1])
+        self.fc2 = keras.layers.Dense(out, kernel_initializer=dense_initializer(), name="fc2")
+        self.fc1.build(input_shape)
+        self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+        self.built = True
+
+    def call(self, x):
+        return self.fc2(gelu_exact(self.fc1(x)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.out_dim or input_shape[-1],)
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(hidden_dim=self.hidden_dim, out_dim=self.out_dim)
+        return cfg
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Multi-head scaled dot-product self-attention with one fused qkv projection.
+
+    ViT (Dosovitskiy et al. 2021) Eq. 2 / Appendix A: ``softmax(q kᵀ / √d_h) v`` per head,
+    then an output projection. An optional additive ``attention_bias`` (broadcastable
+    to ``[batch, heads, tokens, tokens]``) lets BEiT add its relative position bias.
+
+    Args:
+        num_heads: int. Number of heads; the input width must be divisible by it.
+        qkv_bias: bool. Learn a bias for the query/key/value projection.
+
+    Example:
+        >>> y = MultiHeadSelfAttention(4)(keras.random.normal((2, 5, 16)))
+    """
+
+    def __init__(self, num_heads, qkv_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.qkv_bias = bool(qkv_bias)
+        self.qkv = None
+        self.proj = None
+
+    def build(self, input_shape):
+        dim = int(input_shape[-1])
+        if dim % self.num_heads:
+            raise ConfigError(f"attention width {dim} is not divisible by num_heads={self.num_heads}; "
+                              "choose a width that is a multiple of the number of heads")
+        self.dim = dim
+        self.head_dim = dim // self.num_heads
+        self.qkv = keras.layers.Dense(3 * dim, use_bias=self.qkv_bias,
+                                      kernel_initializer=dense_initializer(), name="qkv")
+        self.proj = keras.layers.Dense(dim, kernel_initializer=dense_initializer(), name="proj")
+        self.qkv.build(input_shape)
+        self.proj.build(input_shape)
+        self.built = True
+
+    def call(self, x, attention_bias=None):
+        n = ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (-1, n, 3, self.num_heads, self.head_dim))
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # 3, B, heads, N, head_dim
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        if attention_bias is not None:
+            scores = scores + ops.cast(attention_bias, scores.dtype)
+        attn = ops.softmax(scores, axis=-1)
+        out = ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3))
+        return self.proj(ops.reshape(out, (-1, n, self.dim)))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(num_heads=self.num_heads, qkv_bias=self.qkv_bias)
+        return cfg

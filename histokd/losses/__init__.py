@@ -1,0 +1,6 @@
+"""Losses: pure functions of tensors (keras.ops), plus Keras ``Loss`` wrappers."""
+
+from histokd.losses.ntxent import NTXentLoss, nt_xent
+from histokd.losses.vicreg import VICRegLoss, vicreg_terms
+
+__all__ = ["NTXentLoss", "nt_xent", "VICRegLoss", "vicreg_terms"]

@@ -1,0 +1,93 @@
+"""VICReg loss (Bardes, Ponce, LeCun, "VICReg: Variance-Invariance-Covariance
+Regularization for Self-Supervised Learning", ICLR 2022), as used by More From Less §2.2
+with λ=25, μ=25, ν=1.
+
+For embeddings Z, Z' of shape [N, D]:
+
+* invariance  s(Z, Z') = 1/(N·D) Σ ||z_i − z'_i||²  (mean squared error),
+* variance    v(Z) = 1/D Σ_j max(0, γ − sqrt(Var(Z_·j) + ε)), γ=1, ε=1e-4, unbiased variance,
+* covariance  c(Z) = 1/D Σ_{i≠j} C(Z)_ij², C(Z) = (Z−Z̄)ᵀ(Z−Z̄)/(N−1),
+
+loss = λ·s + μ·(v(Z) + v(Z'))/2 + ν·(c(Z) + c(Z')).
+
+The variance term is averaged over the two branches and the covariance term summed,
+exactly as the authors' reference implementation does.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from histokd.losses._checks import check_pair
+from histokd.registry import LOSSES
+
+
+def _variance(z, gamma, eps):
+    std = ops.sqrt(ops.var(z, axis=0) * _unbias(z) + eps)
+    return ops.mean(ops.relu(gamma - std))
+
+
+def _unbias(z):
+    n = ops.cast(ops.shape(z)[0], z.dtype)
+    return n / (n - 1.0)
+
+
+def _covariance(z):
+    n = ops.cast(ops.shape(z)[0], z.dtype)
+    d = ops.cast(ops.shape(z)[1], z.dtype)
+    zc = z - ops.mean(z, axis=0, keepdims=True)
+    cov = ops.matmul(ops.transpose(zc), zc) / (n - 1.0)
+    off = ops.sum(ops.square(cov)) - ops.sum(ops.square(ops.diagonal(cov)))
+    return off / d
+
+
+def vicreg_terms(za, zb, invariance=25.0, variance=25.0, covariance=1.0, gamma=1.0, eps=1e-4):
+    """The three VICReg terms and the weighted total.
+
+    Args:
+        za: tensor [N, D]. Embeddings of branch a.
+        zb: tensor [N, D]. Embeddings of branch b.
+        invariance: float. λ. variance: float. μ. covariance: float. ν.
+        gamma: float. Target standard deviation γ. eps: float. ε inside the square root.
+
+    Returns:
+        dict with ``loss`` (λ·inv + μ·var + ν·cov), ``invariance``, ``variance``,
+        ``covariance`` (unweighted terms).
+
+    Example:
+        >>> t = vicreg_terms(keras.random.normal((8, 4)), keras.random.normal((8, 4)))
+    """
+    check_pair(za, zb, "VICReg")
+    za = ops.cast(za, "float32")
+    zb = ops.cast(zb, "float32")
+    inv = ops.mean(ops.square(za - zb))
+    var = 0.5 * (_variance(za, gamma, eps) + _variance(zb, gamma, eps))
+    cov = _covariance(za) + _covariance(zb)
+    total = invariance * inv + variance * var + covariance * cov
+    return {"loss": total, "invariance": inv, "variance": var, "covariance": cov}
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class VICRegLoss(keras.losses.Loss):
+    """VICReg as a Keras loss on ``y_pred = (za, zb)`` (``y_true`` ignored).
+
+    Args:
+        invariance: float. λ (25). variance: float. μ (25). covariance: float. ν (1).
+    """
+
+    def __init__(self, invariance=25.0, variance=25.0, covariance=1.0, name="vicreg", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.invariance, self.variance, self.covariance = invariance, variance, covariance
+
+    def call(self, y_true, y_pred):
+        za, zb = y_pred
+        return vicreg_terms(za, zb, self.invariance, self.variance, self.covariance)["loss"]
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(invariance=self.invariance, variance=self.variance, covariance=self.covariance)
+        return cfg
+
+
+LOSSES.register("vicreg", vicreg_terms)
