@@ -420,6 +420,7 @@ def list_configs() -> List[str]:
     """Names of the packaged configs (``histokd configs``)."""
     return sorted(
         str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+        if not p.name.startswith("_")
     )
 
 

@@ -84,6 +84,7 @@ class JointEmbedding(keras.Model):
                 raise ConfigError("independent branches need two encoder objects; pass shared=True to share one")
             self.encoder_b = encoder_b
             self.expander_b = expander_b or Expander(self.expander_dims, name="expander_b")
+        self.view_maker = None  # set by the runner for views.augment_on=device (not saved)
         self._trackers = {k: keras.metrics.Mean(name=k) for k in _LOSS_TERMS[loss]}
         self._trackers["std_a"] = keras.metrics.Mean(name="std_a")
         self._trackers["std_b"] = keras.metrics.Mean(name="std_b")
@@ -125,7 +126,10 @@ class JointEmbedding(keras.Model):
         return list(self._trackers.values())
 
     def _step(self, data, training):
-        x, _, _ = unpack(data)
+        x, y, _ = unpack(data)
+        if self.view_maker is not None and not isinstance(x, dict):
+            # augment_on: device — views are made inside the step, on the accelerator
+            x, _ = self.view_maker(x, y)
         out = self(x, training=training)
         terms = self.loss_terms(out["z_a"], out["z_b"])
         terms["std_a"] = normalized_std(out["z_a"])

@@ -1,0 +1,414 @@
+"""The runner: strategy → data → method → ``fit`` → linear evaluation → export.
+
+``run(config)`` is what ``histokd train`` calls. It writes a run directory
+
+    runs/<name>/config.yaml        the resolved config (+ hash)
+    runs/<name>/checkpoints/       last weights (ModelCheckpoint) and the resumable backup
+    runs/<name>/logs/              TensorBoard
+    runs/<name>/history.csv        per-epoch metrics (CSVLogger; appended on resume)
+    runs/<name>/metrics.json       evaluation results
+    runs/<name>/plots/             training curves, confusion matrices, ROC, embeddings
+    runs/<name>/export/            encoders, classifiers, metadata.json
+
+A run killed at any point (even mid-epoch, with ``train.checkpoint_every`` steps) resumes
+from its last backup when started again with the same config, and finishes with the same
+number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+from histokd.config import RunConfig
+from histokd.errors import CollapseError, ConfigError, HistokdError
+
+
+# ---------------------------------------------------------------------------------------
+# strategy
+# ---------------------------------------------------------------------------------------
+def make_strategy(name: str = "auto"):
+    """Choose a ``tf.distribute`` strategy.
+
+    ``auto``: MultiWorkerMirrored when ``TF_CONFIG`` lists several workers, Mirrored over
+    all GPUs when there are 2+, else the default strategy. ``one_device``: the first GPU or
+    the CPU. ``mirrored``: all local GPUs (or CPUs). ``multi_worker``: from ``TF_CONFIG``.
+    """
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker", [])
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        if len(workers) > 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if not workers:
+            raise ConfigError("train.strategy=multi_worker needs TF_CONFIG naming the cluster's workers "
+                              "(see README: multi-worker training)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"unknown train.strategy {name!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------
+def build_encoder(cfg: RunConfig, name: str, backbone=None):
+    from histokd.backbones import make_backbone
+
+    kwargs = dict(cfg.model.backbone_kwargs)
+    enc = make_backbone(backbone or cfg.model.backbone, input_size=cfg.data.image_size,
+                        weights=cfg.model.weights, **kwargs)
+    # a unique name per branch so both encoders can live in one model / .keras file
+    enc.name = name
+    return enc
+
+
+def build_method(cfg: RunConfig, num_classes: int):
+    """The ``keras.Model`` the config describes (not compiled)."""
+    from histokd.methods import JointEmbedding, Supervised
+
+    m = cfg.model
+    if m.method == "supervised":
+        enc = build_encoder(cfg, "encoder")
+        model = Supervised(enc, num_classes=num_classes, name="supervised")
+        model.build()
+        return model
+    enc_a = build_encoder(cfg, "encoder_a")
+    enc_b = None
+    if not m.shared:
+        enc_b = build_encoder(cfg, "encoder_b", backbone=m.backbone_b)
+    elif m.backbone_b and m.backbone_b != m.backbone:
+        raise ConfigError("model.shared=true cannot use two different backbones (model.backbone_b)")
+    if m.method == "vicreg":
+        loss_kwargs = dict(invariance=cfg.loss.invariance, variance=cfg.loss.variance,
+                           covariance=cfg.loss.covariance)
+    else:
+        loss_kwargs = dict(temperature=cfg.loss.temperature)
+    model = JointEmbedding(enc_a, enc_b, shared=m.shared, expander_dims=m.expander_dims,
+                           loss=m.method, loss_kwargs=loss_kwargs, name=f"{m.method}_joint_embedding")
+    model.build()
+    return model
+
+
+def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
+    """Adam with a linear warm-up then cosine decay (More From Less §2.2, Goyal et al. 2017)."""
+    t = cfg.train
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = int(round(t.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, total - 1)
+    if warmup > 0:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=total - warmup, alpha=0.0,
+            warmup_target=t.lr, warmup_steps=warmup)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(initial_learning_rate=t.lr, decay_steps=total)
+    if t.weight_decay > 0:
+        return keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
+    return keras.optimizers.Adam(schedule)
+
+
+class CollapseMonitor(keras.callbacks.Callback):
+    """Stops a self-supervised run whose embeddings collapsed to a point.
+
+    Watches ``std_a``/``std_b`` (the normalised embedding std logged by JointEmbedding:
+    ≈1 when embeddings spread, →0 at collapse). Below ``threshold`` at the end of an epoch
+    after the first, the run stops and :attr:`message` says what to change.
+    """
+
+    def __init__(self, threshold=0.02):
+        super().__init__()
+        self.threshold = threshold
+        self.message = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        stds = {k: logs[k] for k in ("std_a", "std_b") if k in logs}
+        if not stds or epoch < 1:
+            return
+        low = {k: v for k, v in stds.items() if v < self.threshold}
+        if low:
+            self.message = (
+                f"training collapsed at epoch {epoch + 1}: normalised embedding std {low} "
+                f"< {self.threshold}. The encoders output (nearly) the same vector for every image. "
+                "Lower train.lr, raise loss.variance (VICReg) or the batch size, or check that the "
+                "two views are not identical.")
+            print(f"\n[histokd] {self.message}")
+            self.model.stop_training = True
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that also records the step within the epoch and the optimizer
+    step, so a run killed mid-epoch resumes with exactly the remaining steps."""
+
+    def _save_model(self):
+        super()._save_model()
+        meta_path = self._training_metadata_path
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["optimizer_iterations"] = int(self.model.optimizer.iterations.numpy())
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, meta_path)
+
+
+def read_backup_state(backup_dir: Path):
+    p = Path(backup_dir) / "training_metadata.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+def build_data(cfg: RunConfig):
+    from histokd.data import build_source
+
+    return build_source(cfg.data)
+
+
+def stain_fn(cfg: RunConfig):
+    if cfg.data.stain.method == "none":
+        return None
+    from histokd.stain import make_stain_fn
+
+    return make_stain_fn(cfg.data.stain.method, cfg.data.stain.target, cfg.data.stain.on_failure)
+
+
+def augment_params(cfg: RunConfig) -> dict:
+    return dict(vars(cfg.augment))
+
+
+def train_dataset(cfg: RunConfig, source, global_batch: int, view_maker, stain=None):
+    from histokd.data import make_dataset
+
+    ds = make_dataset(source, "train", cfg.data.image_size, global_batch, training=True,
+                      seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
+                      cache=cfg.data.cache, repeat=True, drop_remainder=True)
+    if stain is not None:
+        ds = ds.map(lambda x, y: (stain(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if view_maker is not None:
+        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(cfg: RunConfig, source, split: str, stain=None, batch_size=None):
+    from histokd.data import make_dataset
+
+    ds = make_dataset(source, split, cfg.data.image_size, batch_size or max(cfg.train.batch_size, 64),
+                      training=False, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
+                      cache=False, repeat=False, drop_remainder=False)
+    if stain is not None:
+        ds = ds.map(lambda x, y: (stain(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_views(cfg: RunConfig, training=True):
+    from histokd.data.views import make_view_maker
+
+    return make_view_maker(cfg.views.kind, cfg.data.image_size, downsample=cfg.views.downsample,
+                           augment=cfg.views.augment and training, aug_cfg=augment_params(cfg),
+                           seed=cfg.train.seed)
+
+
+def branch_input_kinds(cfg: RunConfig) -> dict:
+    """Which input each trained encoder reads: ``{"a": "downsampled", "b": "full"}`` etc."""
+    k, r = cfg.views.kind, cfg.views.downsample
+    down = "downsampled" if r and r < cfg.data.image_size else "full"
+    if cfg.model.method == "supervised":
+        return {"image": down}
+    if k == "asymmetric":
+        return {"a": down, "b": "full"}
+    if k == "symmetric":
+        return {"a": down, "b": down}
+    return {"a": "mask", "b": "full"}
+
+
+# ---------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------
+def prepare_run_dir(cfg: RunConfig, overwrite=False) -> Path:
+    run_dir = Path(cfg.output_dir) / cfg.name
+    cfg_path = run_dir / "config.yaml"
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    if cfg_path.exists():
+        old = cfg_path.read_text()
+        old_hash = next((line.split(":", 1)[1].strip() for line in old.splitlines()
+                         if line.startswith("# config_hash:")), None)
+        if old_hash and old_hash != cfg.hash():
+            raise ConfigError(
+                f"{run_dir} already holds a run with a different config (hash {old_hash}, now {cfg.hash()}). "
+                "Pick another name (--set name=NEW), or pass --overwrite to replace it.")
+    for sub in ("checkpoints", "logs", "plots", "export"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(f"# config_hash: {cfg.hash()}\n" + cfg.to_yaml())
+    return run_dir
+
+
+def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
+    """Train, evaluate and export one run; returns the metrics dict (also in metrics.json).
+
+    Args:
+        cfg: RunConfig. A validated config (see :func:`histokd.config.load_config`).
+        overwrite: bool. Delete an existing run directory of the same name first.
+        progress: bool. Progress bars.
+    """
+    from histokd.evaluation.runner import evaluate_run
+    from histokd.export import export_run
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.mixed_precision:
+        keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+    t0 = time.time()
+    strategy = make_strategy(cfg.train.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                          f"{replicas} replicas of the strategy")
+    source = build_data(cfg)
+    n_train = source.num_examples("train")
+    steps = n_train // cfg.train.batch_size
+    if steps < 1:
+        raise ConfigError(f"the training split has {n_train} images, fewer than one batch of "
+                          f"{cfg.train.batch_size}; lower train.batch_size or add data")
+    if cfg.train.steps_per_epoch:
+        steps = min(steps, cfg.train.steps_per_epoch)
+    stain = stain_fn(cfg)
+    on_device = cfg.views.augment_on == "device"
+    views = make_views(cfg, training=True)
+    ds = train_dataset(cfg, source, cfg.train.batch_size, None if on_device else views, stain)
+
+    with strategy.scope():
+        model = build_method(cfg, num_classes=len(source.class_names))
+        if replicas > 1:
+            from histokd.methods.base import synchronize_batchnorm
+
+            synchronize_batchnorm(model)
+        if on_device:
+            model.view_maker = views
+        if cfg.model.method == "supervised":
+            model.compile(optimizer=make_optimizer(cfg, steps), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"], jit_compile=cfg.train.jit_compile)
+        else:
+            model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
+    if on_device and cfg.model.method == "supervised":
+        ds = ds.map(lambda x, y: views(x, y))
+
+    backup_dir = run_dir / "checkpoints" / "backup"
+    state = read_backup_state(backup_dir)
+    monitor = CollapseMonitor(cfg.train.collapse_threshold)
+    save_freq = cfg.train.checkpoint_every or "epoch"
+
+    def callbacks():
+        return [
+            ResumableBackup(str(backup_dir), save_freq=save_freq, delete_checkpoint=False),
+            keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "last.weights.h5"),
+                                            save_weights_only=True),
+            keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.TerminateOnNaN(),
+            monitor,
+        ]
+
+    verbose = cfg.train.verbose if progress else 0
+    done_steps = state.get("optimizer_iterations", 0) if state else 0
+    total_steps = cfg.train.epochs * steps
+    if done_steps >= total_steps and (run_dir / "checkpoints" / "last.weights.h5").exists():
+        model.load_weights(run_dir / "checkpoints" / "last.weights.h5")
+    else:
+        if state:
+            epoch, within = divmod(done_steps, steps)
+            print(f"[histokd] resuming {run_dir} at epoch {epoch + 1}, step {within} "
+                  f"({done_steps}/{total_steps} steps done)")
+            if within:
+                # finish the interrupted epoch with exactly its remaining steps
+                model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - within,
+                          callbacks=callbacks(), verbose=verbose)
+        if not monitor.message and int(model.optimizer.iterations.numpy()) < total_steps:
+            model.fit(ds, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=callbacks(),
+                      verbose=verbose)
+        model.save_weights(run_dir / "checkpoints" / "last.weights.h5")
+    steps_done = int(model.optimizer.iterations.numpy())
+    if monitor.message:
+        (run_dir / "COLLAPSED.txt").write_text(monitor.message + "\n")
+        raise CollapseError(monitor.message)
+    if not np.isfinite(_last_loss(run_dir)):
+        raise HistokdError(f"training produced a non-finite loss (see {run_dir / 'history.csv'}); "
+                           "lower train.lr or enable stain normalisation for badly stained data")
+    train_seconds = time.time() - t0
+
+    results = evaluate_run(cfg, model, source, run_dir, stain=stain, progress=progress)
+    results["train"] = {"steps": steps_done, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
+                        "seconds": round(train_seconds, 1), "replicas": replicas,
+                        "config_hash": cfg.hash()}
+    export_run(cfg, model, results.pop("_heads"), source, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    try:
+        from histokd.analysis.plots import plot_history
+
+        plot_history(run_dir / "history.csv", run_dir / "plots" / "training_curves.png")
+    except (ImportError, ValueError, KeyError) as e:  # plots never fail a finished run
+        print(f"[histokd] could not draw training curves: {e}")
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return results
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _last_loss(run_dir: Path) -> float:
+    import pandas as pd
+
+    p = run_dir / "history.csv"
+    if not p.exists():
+        return float("nan")
+    h = pd.read_csv(p)
+    return float(h["loss"].iloc[-1]) if len(h) else float("nan")
+
+
+def results_table(results: dict) -> str:
+    """A plain-text table of the probe / supervised results of a run."""
+    rows = []
+    for branch, per in results.get("evaluation", {}).items():
+        for frac, m in per.items():
+            rows.append((branch, frac, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+                         m["auc_ovr"] if m["auc_ovr"] is not None else float("nan")))
+    head = f"{'encoder (input)':<28}{'labels':>8}{'accuracy':>10}{'bal.acc':>10}{'macroF1':>10}{'AUC':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r[0]:<28}{r[1]:>8}{r[2]:>10.4f}{r[3]:>10.4f}{r[4]:>10.4f}{r[5]:>8.4f}")
+    return "\n".join(lines)
+
+
+def steps_for(cfg: RunConfig, n_train: int) -> int:
+    steps = max(1, n_train // cfg.train.batch_size)
+    return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+
+
+__all__ = ["run", "make_strategy", "build_method", "make_optimizer", "CollapseMonitor",
+           "results_table"]
