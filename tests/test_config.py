@@ -1,0 +1,91 @@
+"""Config schema: YAML → dataclasses, overrides, validation with clear messages."""
+
+import pytest
+import yaml
+
+import histokd  # noqa: F401
+from histokd.config import (RunConfig, config_from_dict, list_configs, load_config,
+                            resolve_config_path)
+from histokd.errors import ConfigError
+
+
+def test_default_loads_and_roundtrips():
+    cfg = load_config("default")
+    assert isinstance(cfg, RunConfig)
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("default", ["train.epochs=3", "model.expander_dims=[16, 8]", "views.downsample=null",
+                                  "train.lr=0.01", "data.stain.method=macenko"])
+    assert cfg.train.epochs == 3 and cfg.model.expander_dims == [16, 8]
+    assert cfg.views.downsample is None and cfg.train.lr == 0.01
+    assert cfg.data.stain.method == "macenko"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config("default", ["train.epoch=3"])
+    msg = str(e.value)
+    assert "train.epoch" in msg and "Did you mean 'epochs'" in msg and "batch_size" in msg
+    with pytest.raises(ConfigError, match="Valid keys"):
+        config_from_dict({"trian": {}})
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epochs=ten", "integer"),
+    ("train.lr=-1", "positive"),
+    ("views.kind=sideways", "one of"),
+    ("model.method=byol", "one of"),
+    ("train.batch_size=1", "batch_size"),
+    ("views.augment=maybe", "true or false"),
+    ("data.source=folder", "data.path"),
+    ("model.method=supervised", "identity"),
+    ("epochs", "section.key=value"),
+])
+def test_bad_values_rejected(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("default", [override])
+
+
+def test_hash_ignores_name_but_not_training():
+    a = load_config("default")
+    assert a.hash() == load_config("default", ["name=other"]).hash()
+    assert a.hash() != load_config("default", ["train.lr=0.5"]).hash()
+
+
+def test_packaged_configs_cover_the_paper_tables():
+    names = list_configs()
+    assert "default" in names
+    for r in (224, 112, 56, 28, 14, 7):
+        for kind in ("asymmetric", "symmetric", "supervised"):
+            assert f"more_from_less/table1_{kind}_{r}px" in names
+    for enc in ("mobilenet_v2", "efficientnet_b0", "xception"):
+        assert f"more_from_less/tableS2_{enc}_asymmetric" in names
+    assert "more_from_less/tableS3_simclr_shared_symmetric" in names
+
+
+def test_paper_scale_values():
+    cfg = load_config("more_from_less/table1_asymmetric_7px")
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.warmup_epochs) == (128, 100, 1e-4, 0.1)
+    assert (cfg.loss.invariance, cfg.loss.variance, cfg.loss.covariance, cfg.loss.temperature) == (25, 25, 1, 0.5)
+    assert cfg.model.expander_dims == [8192] * 3 and cfg.model.backbone == "resnet50"
+    assert cfg.data.image_size == 224 and cfg.views.downsample == 7 and cfg.data.stain.method == "macenko"
+    assert (cfg.eval.probe_epochs, cfg.eval.probe_lr) == (100, 1e-3)
+    sup = load_config("more_from_less/table1_supervised_28px")
+    assert sup.model.method == "supervised" and sup.views.kind == "identity" and sup.views.downsample == 28
+    s3 = load_config("more_from_less/tableS3_simclr_shared_asymmetric")
+    assert s3.model.method == "simclr" and s3.model.shared
+
+
+def test_missing_config_suggests():
+    with pytest.raises(ConfigError, match="histokd configs"):
+        resolve_config_path("defualt")
+
+
+def test_user_yaml_with_base(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("base: default\nname: mine\ntrain:\n  epochs: 2\n")
+    cfg = load_config(str(p))
+    assert cfg.name == "mine" and cfg.train.epochs == 2 and cfg.data.source == "synthetic"
