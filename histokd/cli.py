@@ -112,7 +112,7 @@ def _cmd_predict(args):
     import pandas as pd
     import tensorflow as tf
 
-    from histokd.data.records import decode_image_file
+    from histokd.data import decode_image_file
     from histokd.export import load_classifier
 
     model, meta = load_classifier(args.model)

@@ -108,29 +108,30 @@ class ViewsConfig:
 class AugmentConfig:
     """Table S1 of More From Less: augmentations and their probabilities.
 
-    Args:
-        flip: float. Probability that random left/right and up/down flips are applied (1.0).
-        crop: float. Probability of a random resized crop (1.0) with area in ``crop_scale`` (0.75–1.0).
-        noise: float. Probability of Gaussian background noise (0.3) with std ``noise_std``.
-        rotation: float. Probability of a random rotation (0.4) within ±``rotation_degrees``.
-        solarize: float. Probability of solarisation (0.3) at ``solarize_threshold``.
-        jitter: float. Probability of colour jitter (1.0) with the four strengths below.
+    Probabilities (``p_*``) are those of Table S1: flips 1.0, crop (75–100 % of the area)
+    1.0, Gaussian background noise 0.3, rotation 0.4, solarise 0.3, colour jitter 1.0.
+    Strengths the paper leaves open follow SimCLR/VICReg practice; see
+    :class:`histokd.data.augment.AugmentConfig` for each field's meaning.
     """
 
-    flip: float = 1.0
-    crop: float = 1.0
+    p_flip: float = 1.0
+    p_crop: float = 1.0
     crop_scale: List[float] = field(default_factory=lambda: [0.75, 1.0])
-    noise: float = 0.3
+    crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    p_rotate: float = 0.4
+    max_rotation: float = 180.0
+    p_noise: float = 0.3
     noise_std: float = 0.05
-    rotation: float = 0.4
-    rotation_degrees: float = 180.0
-    solarize: float = 0.3
+    noise_dist: str = "irwin_hall"
+    p_solarize: float = 0.3
     solarize_threshold: float = 0.5
-    jitter: float = 1.0
+    p_jitter: float = 1.0
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
+    brightness_mode: str = "multiplicative"
+    fill_mode: str = "reflect"
 
 
 @dataclass

@@ -151,15 +151,32 @@ class CollapseMonitor(keras.callbacks.Callback):
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that also records the step within the epoch and the optimizer
-    step, so a run killed mid-epoch resumes with exactly the remaining steps."""
+    """BackupAndRestore that resumes mid-epoch.
+
+    Keras' BackupAndRestore restores the epoch only, so a run killed mid-epoch would
+    redo (and overcount) that epoch. This subclass also records the optimizer step; the
+    runner reads it (:func:`read_backup_state`) and first finishes the interrupted epoch
+    with exactly its remaining steps. Backups are written every ``save_freq`` steps and at
+    every epoch end, atomically (weights first, then the metadata that points at them).
+    """
+
+    def _load_model(self):
+        # weights and optimizer state only; the runner decides where to restart
+        if os.path.exists(self._weights_path):
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(self._weights_path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.save_freq != "epoch":
+            self._save_model()
 
     def _save_model(self):
         super()._save_model()
         meta_path = self._training_metadata_path
-        with open(meta_path) as f:
-            meta = json.load(f)
-        meta["optimizer_iterations"] = int(self.model.optimizer.iterations.numpy())
+        meta = {"epoch": self._current_epoch,
+                "optimizer_iterations": int(self.model.optimizer.iterations.numpy())}
         tmp = meta_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f)
@@ -321,7 +338,8 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
 
     def callbacks():
         return [
-            ResumableBackup(str(backup_dir), save_freq=save_freq, delete_checkpoint=False),
+            ResumableBackup(str(backup_dir), save_freq=save_freq, delete_checkpoint=False,
+                            double_checkpoint=True),
             keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "last.weights.h5"),
                                             save_weights_only=True),
             keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
@@ -343,10 +361,10 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
             if within:
                 # finish the interrupted epoch with exactly its remaining steps
                 model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - within,
-                          callbacks=callbacks(), verbose=verbose)
+                          callbacks=callbacks(), verbose=verbose, shuffle=False)
         if not monitor.message and int(model.optimizer.iterations.numpy()) < total_steps:
             model.fit(ds, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=callbacks(),
-                      verbose=verbose)
+                      verbose=verbose, shuffle=False)
         model.save_weights(run_dir / "checkpoints" / "last.weights.h5")
     steps_done = int(model.optimizer.iterations.numpy())
     if monitor.message:

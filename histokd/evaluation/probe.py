@@ -29,7 +29,7 @@ def extract_features(encoder, dataset, preprocess=None, progress=True, desc="fea
     Returns:
         (features float32 [N, D], labels int [N]).
     """
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
     def forward(x):
         x = tf.cast(x, tf.float32) / 255.0
         if preprocess is not None:
@@ -81,5 +81,5 @@ def linear_probe(train_x, train_y, num_classes, epochs=100, lr=1e-3, batch_size=
     val_ds = None
     if val is not None:
         val_ds = tf.data.Dataset.from_tensor_slices(val).batch(batch_size)
-    hist = head.fit(ds, epochs=epochs, verbose=verbose, validation_data=val_ds)
+    hist = head.fit(ds, epochs=epochs, verbose=verbose, validation_data=val_ds, shuffle=False)
     return head, hist.history

@@ -91,9 +91,10 @@ def _plots(cfg, run_dir, label, feats, y, probs, names):
         return
     pdir = run_dir / "plots"
     try:
-        plots.plot_confusion_matrix(y, probs.argmax(1), names, pdir / f"confusion_{slug}.png", title=label)
-        plots.plot_roc_curves(y, probs, names, pdir / f"roc_{slug}.png", title=label)
+        plots.plot_confusion_matrix(y, probs.argmax(1), pdir / f"confusion_{slug}.png", names, title=label)
+        plots.plot_roc(y, probs, pdir / f"roc_{slug}.png", names, title=label)
         if cfg.eval.embedding_plot:
-            plots.plot_embedding(feats, y, names, pdir / f"embedding_{slug}.png", title=label)
+            plots.plot_embedding(feats, y, pdir / f"embedding_{slug}.png", names, title=label,
+                                 seed=cfg.train.seed)
     except Exception as e:  # a plot must never lose a finished run's results
         print(f"[histokd] plot for {label} failed: {e}")

@@ -1,0 +1,7 @@
+"""``python -m histokd`` = the ``histokd`` command."""
+
+import sys
+
+from histokd.cli import main
+
+sys.exit(main())
