@@ -161,7 +161,7 @@ def _cmd_data(args):
         print(json.dumps(summary, indent=2, default=str))
     elif args.data_cmd == "info":
         src = hd.source_from_path(args.src)
-        print(json.dumps(hd.dataset_info(src), indent=2, default=str))
+        print(hd.format_dataset_info(hd.dataset_info(src)))
     return 0
 
 

@@ -22,6 +22,10 @@ except RuntimeError:  # already initialised (e.g. a plugin imported TF devices f
     pass
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+# tests import their shared helpers (`from harness import ...`) in importlib mode too
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 
