@@ -22,3 +22,10 @@ from histokd.errors import (  # noqa: E402
     StainError,
     WeightsError,
 )
+
+# Register every serialisable layer/model so exported .keras files reload after `import histokd`.
+from histokd import layers as _layers  # noqa: E402,F401
+from histokd import losses as _losses  # noqa: E402,F401
+from histokd import methods as _methods  # noqa: E402,F401
+from histokd import backbones as _backbones  # noqa: E402,F401
+from histokd.data import views as _views, augment as _augment  # noqa: E402,F401

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from histokd.config import RunConfig
 from histokd.errors import CollapseError, ConfigError, HistokdError
+from histokd.methods.base import mirrored_strategy
 
 
 # ---------------------------------------------------------------------------------------
@@ -49,12 +50,12 @@ def make_strategy(name: str = "auto"):
         if len(workers) > 1:
             return tf.distribute.MultiWorkerMirroredStrategy()
         if len(gpus) > 1:
-            return tf.distribute.MirroredStrategy()
+            return mirrored_strategy()
         return tf.distribute.get_strategy()
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        return mirrored_strategy()
     if name == "multi_worker":
         if not workers:
             raise ConfigError("train.strategy=multi_worker needs TF_CONFIG naming the cluster's workers "
@@ -362,8 +363,12 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
                 # finish the interrupted epoch with exactly its remaining steps
                 model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - within,
                           callbacks=callbacks(), verbose=verbose, shuffle=False)
-        if not monitor.message and int(model.optimizer.iterations.numpy()) < total_steps:
-            model.fit(ds, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=callbacks(),
+        done = int(model.optimizer.iterations.numpy())
+        if state and not done:  # the backup is loaded by the callback; read its step count
+            done = done_steps - done_steps % steps
+        if not monitor.message and done < total_steps:
+            model.fit(ds, initial_epoch=done // steps, epochs=cfg.train.epochs, steps_per_epoch=steps,
+                      callbacks=callbacks(),
                       verbose=verbose, shuffle=False)
         model.save_weights(run_dir / "checkpoints" / "last.weights.h5")
     steps_done = int(model.optimizer.iterations.numpy())

@@ -29,7 +29,10 @@ def extract_features(encoder, dataset, preprocess=None, progress=True, desc="fea
     Returns:
         (features float32 [N, D], labels int [N]).
     """
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    spec = dataset.element_spec[0]
+    sig = tf.TensorSpec([None] + list(spec.shape[1:]), spec.dtype)
+
+    @tf.function(input_signature=[sig])
     def forward(x):
         x = tf.cast(x, tf.float32) / 255.0
         if preprocess is not None:

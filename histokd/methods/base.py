@@ -97,3 +97,27 @@ def _all_layers(obj):
                 stack.append(v)
             elif isinstance(v, (list, tuple)):
                 stack.extend(x for x in v if hasattr(x, "built") and hasattr(x, "weights"))
+
+
+_KEY_BASES = iter(range(10_000, 10**9, 100_000))
+
+
+def mirrored_strategy(devices=None):
+    """A ``MirroredStrategy`` whose collective keys cannot collide with earlier ones.
+
+    Every MirroredStrategy made in one process starts its collective group keys at the
+    same number; a second strategy that runs a different program (a notebook that
+    pre-trains, then distils) then fails on the runtime's cached collective parameters
+    ("Collective instance ... expected type"). Giving each strategy its own key range
+    avoids it.
+
+    Args:
+        devices: list of str. Devices to mirror over (default: all local GPUs, else CPU).
+    """
+    cls = tf.distribute.MirroredStrategy
+    old = cls._collective_key_base
+    cls._collective_key_base = next(_KEY_BASES)
+    try:
+        return cls(devices)
+    finally:
+        cls._collective_key_base = old

@@ -12,6 +12,7 @@ written in :mod:`histokd.losses.distillation`.
 from __future__ import annotations
 
 import math
+import threading
 
 import keras
 import numpy as np
@@ -90,38 +91,69 @@ class _Untracked:
         self.__dict__.update(kw)
 
 
+_TAP_LOCK = threading.Lock()
+_TAP_LOCAL = threading.local()   # the recorder active in this thread (one per replica thread)
+_TAP_PATCHED = {}                # id(layer) -> [users, layer]
+
+
+def _tap_wrapper(layer, original):
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rec = getattr(_TAP_LOCAL, "active", None)
+        if rec is not None:
+            key = rec.keys.get(id(layer))
+            if key is not None and key not in rec.outputs:
+                rec.outputs[key] = out[0] if isinstance(out, (tuple, list)) else out
+        return out
+
+    return wrapper
+
+
 class _Taps:
     """Records the first output of chosen layers during one forward pass.
 
     Wrapping the layer instances' ``call`` works for flat and nested functional,
     Sequential and subclassed models alike, in eager mode and while tracing, and the
-    recorded tensors are part of the differentiable computation.
+    recorded tensors are part of the differentiable computation. MirroredStrategy
+    traces each replica in its own thread and may switch threads in the middle of a
+    forward pass (at a cross-replica BatchNorm reduction), so the wrapper is installed
+    once for all threads (reference counted) and records into the calling thread's
+    active recorder.
     """
 
     def __init__(self, layers):
         self.layers = list(layers)
+        self.keys = {id(layer): key for key, layer in self.layers}
         self.outputs = {}
 
     def __enter__(self):
-        for key, layer in self.layers:
-            if "call" in vars(layer):
-                raise ConfigError(f"layer {layer.name!r} is tapped twice; teacher and student must not share layers")
-            object.__setattr__(layer, "call", self._wrap(key, layer.call))
+        with _TAP_LOCK:
+            for _, layer in self.layers:
+                entry = _TAP_PATCHED.get(id(layer))
+                if entry is None:
+                    if "call" in vars(layer):
+                        raise ConfigError(f"layer {layer.name!r} is already being recorded by another "
+                                          "analysis; finish it before distilling")
+                    object.__setattr__(layer, "call", _tap_wrapper(layer, layer.call))
+                    _TAP_PATCHED[id(layer)] = [1, layer]
+                else:
+                    entry[0] += 1
+        self._previous = getattr(_TAP_LOCAL, "active", None)
+        _TAP_LOCAL.active = self
         return self
 
-    def _wrap(self, key, original):
-        def wrapper(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if key not in self.outputs:
-                self.outputs[key] = out[0] if isinstance(out, (tuple, list)) else out
-            return out
-
-        return wrapper
-
     def __exit__(self, *exc):
-        for _, layer in self.layers:
-            if "call" in vars(layer):
-                object.__delattr__(layer, "call")
+        _TAP_LOCAL.active = self._previous
+        with _TAP_LOCK:
+            for _, layer in self.layers:
+                entry = _TAP_PATCHED.get(id(layer))
+                if entry is None:
+                    continue
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _TAP_PATCHED[id(layer)]
+                    if "call" in vars(layer):
+                        object.__delattr__(layer, "call")
         return False
 
 
@@ -273,7 +305,9 @@ class Distiller(keras.Model):
     (pool/resize + learned 1×1 projection); an impossible pairing raises ConfigError.
 
     Heads that end in a softmax are handled: their log-probabilities serve as logits
-    (softmax(log p / τ) = softmax(z / τ) exactly).
+    (softmax(log p / τ) = softmax(z / τ) exactly). Sample weights reach the compiled
+    metrics only; the loss is the unweighted batch mean. Constructing a Distiller sets
+    ``teacher.trainable = False``.
 
     Args:
         teacher: keras.Model. Trained classifier, images in [0, 1] → logits or probabilities.
@@ -494,7 +528,8 @@ class Distiller(keras.Model):
 
     def stage_weights(self, step=None):
         if step is None:
-            step = self.optimizer.iterations if self.optimizer is not None else 0
+            opt = getattr(self, "optimizer", None)
+            step = opt.iterations if opt is not None else 0
         return self.alphas() * self.stage_mask(step)
 
     # -- forward ---------------------------------------------------------------------------

@@ -254,7 +254,8 @@ class MoBY(keras.Model):
     def momentum(self, step=None):
         """Momentum m for update number ``step`` (default: ``optimizer.iterations``)."""
         if step is None:
-            step = self.optimizer.iterations if self.optimizer is not None else 0
+            opt = getattr(self, "optimizer", None)
+            step = opt.iterations if opt is not None else 0
         return momentum_schedule(step, self.total_steps, self.base_momentum)
 
     def momentum_update(self, m):

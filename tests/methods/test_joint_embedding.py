@@ -8,7 +8,7 @@ import tensorflow as tf
 import histokd  # noqa: F401
 from histokd.errors import ConfigError
 from histokd.methods import JointEmbedding
-from histokd.methods.base import synchronize_batchnorm
+from histokd.methods.base import mirrored_strategy, synchronize_batchnorm
 from harness import assert_saved_model_roundtrip, assert_all_grads
 
 
@@ -107,7 +107,7 @@ def test_mirrored_equals_one_device(loss):
         pytest.skip("needs 2 logical CPUs (tests/conftest.py)")
     x = batch(8, seed=5)
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    mirrored = tf.distribute.MirroredStrategy([c.name for c in cpus[:2]])
+    mirrored = mirrored_strategy([c.name for c in cpus[:2]])
     l1, g1 = _grads_and_loss(one, loss, x)
     l2, g2 = _grads_and_loss(mirrored, loss, x)
     assert l1 == pytest.approx(l2, rel=1e-5)
