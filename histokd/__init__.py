@@ -28,4 +28,7 @@ from histokd import layers as _layers  # noqa: E402,F401
 from histokd import losses as _losses  # noqa: E402,F401
 from histokd import methods as _methods  # noqa: E402,F401
 from histokd import backbones as _backbones  # noqa: E402,F401
-from histokd.data import views as _views, augment as _augment  # noqa: E402,F401
+from histokd.data import augment as _augment, multiscale as _multiscale, views as _views  # noqa: E402,F401
+from histokd import stain as _stain  # noqa: E402,F401
+from histokd.nuclei import hovernet as _hovernet  # noqa: E402,F401
+from histokd.losses import hovernet as _hovernet_losses  # noqa: E402,F401

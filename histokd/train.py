@@ -332,6 +332,21 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
     if on_device and cfg.model.method == "supervised":
         ds = ds.map(lambda x, y: views(x, y))
 
+    val_ds = None
+    n_val = source.num_examples("val")
+    if n_val >= cfg.train.batch_size:
+        # validation loss on augmented views of the val split (same loss as training)
+        from histokd.data import make_dataset
+
+        val_ds = make_dataset(source, "val", cfg.data.image_size, cfg.train.batch_size, training=False,
+                              seed=cfg.train.seed + 1, on_bad_image=cfg.data.on_bad_image,
+                              cache=cfg.data.cache, drop_remainder=True)
+        if stain is not None:
+            val_ds = val_ds.map(lambda x, y: (stain(x), y))
+        if not on_device:
+            val_ds = val_ds.map(views)
+        val_ds = val_ds.prefetch(tf.data.AUTOTUNE)
+
     backup_dir = run_dir / "checkpoints" / "backup"
     state = read_backup_state(backup_dir)
     monitor = CollapseMonitor(cfg.train.collapse_threshold)
@@ -362,14 +377,13 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
             if within:
                 # finish the interrupted epoch with exactly its remaining steps
                 model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - within,
-                          callbacks=callbacks(), verbose=verbose, shuffle=False)
+                          validation_data=val_ds, callbacks=callbacks(), verbose=verbose, shuffle=False)
         done = int(model.optimizer.iterations.numpy())
         if state and not done:  # the backup is loaded by the callback; read its step count
             done = done_steps - done_steps % steps
         if not monitor.message and done < total_steps:
             model.fit(ds, initial_epoch=done // steps, epochs=cfg.train.epochs, steps_per_epoch=steps,
-                      callbacks=callbacks(),
-                      verbose=verbose, shuffle=False)
+                      validation_data=val_ds, callbacks=callbacks(), verbose=verbose, shuffle=False)
         model.save_weights(run_dir / "checkpoints" / "last.weights.h5")
     steps_done = int(model.optimizer.iterations.numpy())
     if monitor.message:

@@ -75,6 +75,19 @@ def tokens_to_grid(a, grid=None, prefix_tokens=None):
     return tf.reshape(a[:, drop:, :], (-1, h, w, int(a.shape[-1])))
 
 
+def _model_images(model, images) -> np.ndarray:
+    """Images as the model wants them: float32 in [0, 1], except for models whose input is
+    integer (histokd's exported classifiers take uint8 and rescale inside), which get the raw
+    0..255 values as float32 (cast back to integers by the model's input)."""
+    try:
+        dtype = str(model.inputs[0].dtype)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        dtype = "float32"
+    if "int" in dtype:
+        return np.asarray(images).astype(np.float32)
+    return _taps.to_float_images(images)
+
+
 def _to_map(a, grid, prefix_tokens):
     """Layer output → channels-last spatial map [B, h, w, C]."""
     rank = len(a.shape)
@@ -136,7 +149,8 @@ def gradcam(
     Args:
         model: keras.Model. Outputs ``[B, classes]`` (logits or probabilities);
             takes float32 images in [0, 1].
-        images: array [B, H, W, C] (uint8 images are scaled to [0, 1]) or [H, W, C].
+        images: array [B, H, W, C] (uint8 images are scaled to [0, 1], unless the model
+            itself takes uint8 input like histokd's exported classifiers) or [H, W, C].
         layer: str. Name or path (``"encoder/conv1_conv"``) of the layer, which may
             be nested in sub-models. Conv maps [B, h, w, C] and token maps [B, N, C]
             are supported.
@@ -156,7 +170,7 @@ def gradcam(
     Example:
         >>> maps = gradcam(clf, x, "encoder/conv2_block1_1_conv", class_index=3)
     """
-    x = _taps.to_float_images(images)
+    x = _model_images(model, images)
     single = x.ndim == 3
     if single:
         x = x[None]
@@ -321,7 +335,7 @@ def gradcam_grid(
     if show_image:
         columns.append(("image", [_display_rgb(im) for im in imgs]))
     for mname, model in models.items():
-        x = _taps.to_float_images(inputs.get(mname, imgs))
+        x = _model_images(model, inputs.get(mname, imgs))
         all_maps, classes = _gradcam_layers(model, x, list(layers), class_index, score, grid, prefix_tokens, True)
         for layer, maps in zip(layers, all_maps):
             panels = [overlay_heatmap(imgs[i], maps[i], alpha, cmap) for i in range(n)]

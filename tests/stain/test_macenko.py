@@ -1,0 +1,212 @@
+"""Macenko core: ground-truth recovery, fits, NumPy API, robustness policy, config."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from histokd.errors import HistokdError, StainError
+from histokd.stain import (
+    MacenkoFit,
+    MacenkoNormalizer,
+    PRESETS,
+    fit_macenko,
+    macenko_decompose,
+    resolve_target,
+)
+from histokd.stain.macenko import tissue_threshold
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stain_synth import E_TRUE, H_TRUE, angle_deg, beer_lambert, concentrations, synth_he  # noqa: E402
+
+PAIRS = [
+    (H_TRUE, E_TRUE),
+    ((0.65, 0.70, 0.29), (0.25, 0.85, 0.45)),
+    ((0.60, 0.70, 0.40), (0.30, 0.75, 0.60)),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_recovers_beer_lambert_stain_vectors(pair, seed):
+    h_vec, e_vec = PAIRS[pair]
+    img = synth_he(96, seed, h_vec, e_vec)
+    fit = fit_macenko(img)
+    he = fit.he
+    assert angle_deg(he[:, 0], h_vec) < 2.0, "haematoxylin vector off by > 2 degrees (or H/E swapped)"
+    assert angle_deg(he[:, 1], e_vec) < 2.0, "eosin vector off by > 2 degrees (or H/E swapped)"
+    # H/E order: H is the first column and has the larger red OD
+    assert he[0, 0] > he[0, 1]
+    np.testing.assert_allclose(np.linalg.norm(he, axis=0), 1.0, atol=1e-5)
+
+
+def test_batched_decomposition_equals_per_image():
+    imgs = np.stack([synth_he(64, s) for s in range(3)])
+    batch = macenko_decompose(tf.constant(imgs))
+    for i in range(3):
+        one = macenko_decompose(tf.constant(imgs[i:i + 1]))
+        np.testing.assert_allclose(batch["stain_matrix"][i], one["stain_matrix"][0], atol=1e-5)
+        np.testing.assert_allclose(batch["max_c"][i], one["max_c"][0], rtol=1e-5)
+
+
+def test_tissue_threshold_matches_float64_rule():
+    for io, beta in [(240, 0.15), (255, 0.15), (240, 0.3)]:
+        t = tissue_threshold(io, beta)
+        assert -np.log((t + 1) / io) >= beta > -np.log((t + 2) / io)
+
+
+def test_fit_json_roundtrip(tmp_path):
+    fit = fit_macenko(synth_he(64, 0))
+    again = MacenkoFit.from_json(fit.to_json())
+    assert again == fit
+    path = tmp_path / "fit.json"
+    fit.to_json(str(path))
+    assert json.loads(path.read_text())["stain_matrix"] == [list(r) for r in fit.stain_matrix]
+    assert resolve_target(str(path)) == fit
+    n = MacenkoNormalizer(str(path))
+    np.testing.assert_allclose(n.target_fit.he, fit.he)
+
+
+def test_presets_and_targets(tmp_path):
+    assert resolve_target("torchstain") is PRESETS["torchstain"]
+    assert resolve_target(None) is PRESETS["torchstain"]
+    np.testing.assert_allclose(PRESETS["torchstain"].max_c, [1.9705, 1.0308])
+    img = synth_he(64, 3)
+    import cv2
+
+    p = tmp_path / "target.png"
+    cv2.imwrite(str(p), img[:, :, ::-1])
+    fit = resolve_target(str(p))
+    assert fit.source.startswith("image:")
+    np.testing.assert_allclose(fit.he, fit_macenko(img).he, atol=1e-6)
+    with pytest.raises(StainError, match="not a preset"):
+        resolve_target("no_such_target")
+    with pytest.raises(StainError, match="3x2"):
+        MacenkoFit([[1, 2, 3]], [1, 1])
+    with pytest.raises(StainError, match="positive"):
+        MacenkoFit(PRESETS["torchstain"].stain_matrix, [0.0, 1.0])
+    with pytest.raises(StainError, match="no usable H&E tissue"):
+        fit_macenko(np.full((32, 32, 3), 250, np.uint8))
+    with pytest.raises(StainError, match="unknown Macenko constant"):
+        MacenkoNormalizer("torchstain", gamma=2)
+    with pytest.raises(StainError, match="alpha"):
+        MacenkoNormalizer("torchstain", alpha=60)
+    assert issubclass(StainError, HistokdError)
+
+
+def test_numpy_in_numpy_out_and_single_image():
+    norm = MacenkoNormalizer("torchstain")
+    batch = np.stack([synth_he(64, s) for s in range(2)])
+    out, passed = norm.transform(batch, return_passthrough=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == batch.shape
+    assert passed.tolist() == [False, False]
+    single = norm(batch[0])
+    assert single.shape == (64, 64, 3)
+    np.testing.assert_array_equal(single, out[0])
+    t = norm.transform(tf.constant(batch))
+    assert isinstance(t, tf.Tensor)
+    np.testing.assert_array_equal(t.numpy(), out)
+    with pytest.raises(StainError, match="uint8"):
+        norm.transform(batch.astype(np.float32) / 255.0)
+    with pytest.raises(StainError, match="3 channels"):
+        norm.transform(batch[..., :2])
+
+
+def test_normalised_tile_moves_towards_target():
+    """Tiles stained with different vectors end up with the same colours."""
+    h, e = concentrations(96, 5)
+    a = beer_lambert(h, e, *PAIRS[1])
+    b = beer_lambert(h, e, *PAIRS[2])
+    norm = MacenkoNormalizer("torchstain")
+    na, nb = norm(np.stack([a, b]))
+    before = np.abs(a.astype(float) - b).mean()
+    after = np.abs(na.astype(float) - nb).mean()
+    assert after < 0.25 * before, (before, after)
+
+
+def _tiles():
+    rng = np.random.default_rng(0)
+    s = 64
+    h, e = concentrations(s, 7)
+    tiny = np.full((s, s, 3), 250, np.uint8)
+    tiny[:5, :5] = beer_lambert(h, e)[:5, :5]  # 25 tissue pixels
+    return {
+        "background": np.full((s, s, 3), 255, np.uint8),
+        "near_white": np.clip(rng.normal(228, 3, (s, s, 3)), 0, 255).astype(np.uint8),
+        "black": np.zeros((s, s, 3), np.uint8),
+        "noise": rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
+        "dark_noise": rng.integers(0, 200, (s, s, 3), dtype=np.uint8),
+        "gray": np.repeat(rng.integers(0, 200, (s, s, 1), dtype=np.uint8), 3, axis=2),
+        "h_only": beer_lambert(h, 0 * e, noise=1.0),
+        "e_only": beer_lambert(0 * h + 1.2 * (h > 0.1), e + 0.5, H_TRUE * 0 + E_TRUE, E_TRUE),
+        "tiny_tissue": tiny,
+    }
+
+
+@pytest.fixture(scope="module")
+def edge_results():
+    tiles = _tiles()
+    good = synth_he(64, 1)
+    batch = np.stack([good] + list(tiles.values()) + [good])
+    norm = MacenkoNormalizer("torchstain")
+    out, passed = norm.transform(batch, return_passthrough=True)
+    dec = norm.decompose(batch)
+    return tiles, batch, out, passed, dec
+
+
+@pytest.mark.parametrize("kind", list(_tiles()))
+def test_edge_case_tiles_pass_through_unchanged(kind, edge_results):
+    tiles, batch, out, passed, dec = edge_results
+    i = 1 + list(tiles).index(kind)
+    assert passed[i], f"{kind} tile was not passed through"
+    assert not dec["ok"][i]
+    np.testing.assert_array_equal(out[i], batch[i])
+    # the normal tiles around it are normalised, identically
+    assert not passed[0] and not passed[-1]
+    np.testing.assert_array_equal(out[0], out[-1])
+    assert not np.array_equal(out[0], batch[0])
+
+
+def test_stress_never_nan_and_ok_means_finite():
+    """Odd tiles (gradients, saturated colours, blobs, noisy single stain) never give NaN/Inf."""
+    rng = np.random.default_rng(3)
+    s = 48
+    yy, xx = np.mgrid[0:s, 0:s]
+    tiles = []
+    for i in range(24):
+        kind = i % 6
+        if kind == 0:
+            t = np.stack([(xx * 5) % 256, (yy * 5) % 256, ((xx + yy) * 3) % 256], -1)
+        elif kind == 1:
+            t = np.zeros((s, s, 3)); t[..., rng.integers(3)] = 255
+        elif kind == 2:
+            t = rng.integers(0, 256, (1, 1, 3)) + np.zeros((s, s, 3))
+        elif kind == 3:
+            t = synth_he(s, i, noise=8.0)
+        elif kind == 4:
+            h, e = concentrations(s, i)
+            t = beer_lambert(h, 0 * e, noise=6.0)
+        else:
+            t = rng.integers(0, 256, (s, s, 3)) * (rng.random((s, s, 1)) < 0.02)
+        tiles.append(np.clip(t, 0, 255).astype(np.uint8))
+    batch = np.stack(tiles)
+    dec = macenko_decompose(tf.constant(batch))
+    ok = dec["ok"].numpy()
+    for k in ("stain_matrix", "max_c", "pinv"):
+        assert np.all(np.isfinite(dec[k].numpy()[ok])), k
+    out, passed = MacenkoNormalizer("torchstain").transform(batch, return_passthrough=True)
+    np.testing.assert_array_equal(passed, ~ok)
+    np.testing.assert_array_equal(out[passed], batch[passed])
+
+
+def test_normalizer_config_roundtrip():
+    norm = MacenkoNormalizer("slideflow_v3", alpha=2.0, min_tissue_pixels=50)
+    cfg = norm.get_config()
+    json.dumps(cfg)
+    again = MacenkoNormalizer.from_config(cfg)
+    assert again.get_config() == cfg
+    img = synth_he(64, 2)
+    np.testing.assert_array_equal(norm(img), again(img))
