@@ -53,33 +53,24 @@ def _cmd_configs(args):
 
 
 def _load_run(run_dir):
-    from histokd.config import config_from_dict, load_yaml
+    from histokd.train import load_run_config
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise HistokdError(f"{run_dir} is not a histokd run directory (no config.yaml); "
-                           "pass the folder `histokd train` printed")
-    cfg = config_from_dict(load_yaml(cfg_path))
-    return run_dir, cfg
+    return load_run_config(run_dir)
 
 
 def _rebuild(run_dir, cfg):
-    from histokd.train import build_data, build_method
+    from histokd.data.datasets import build_data
+    from histokd.train import load_trained_model
 
     source = build_data(cfg)
-    model = build_method(cfg, num_classes=len(source.class_names))
-    weights = run_dir / "checkpoints" / "last.weights.h5"
-    if not weights.exists():
-        raise HistokdError(f"{weights} does not exist: the run has not finished an epoch yet; "
-                           "run `histokd train` with the same config to resume it")
-    model.load_weights(weights)
+    model, _ = load_trained_model(run_dir, num_classes=len(source.class_names))
     return model, source
 
 
 def _cmd_eval(args):
     from histokd.evaluation.runner import evaluate_run
-    from histokd.train import results_table, stain_fn
+    from histokd.data.datasets import stain_fn
+    from histokd.train import results_table
 
     run_dir, cfg = _load_run(args.run_dir)
     model, source = _rebuild(run_dir, cfg)
@@ -95,14 +86,15 @@ def _cmd_eval(args):
 def _cmd_export(args):
     from histokd.evaluation.runner import evaluate_run
     from histokd.export import export_run
-    from histokd.train import stain_fn
+    from histokd.data.datasets import stain_fn
 
     run_dir, cfg = _load_run(args.run_dir)
     if args.saved_model:
         cfg.export.saved_model = True
     model, source = _rebuild(run_dir, cfg)
-    results = evaluate_run(cfg, model, source, run_dir, stain=stain_fn(cfg), progress=not args.quiet)
-    meta = export_run(cfg, model, results["_heads"], source, run_dir)
+    stain = stain_fn(cfg)
+    results = evaluate_run(cfg, model, source, run_dir, stain=stain, progress=not args.quiet)
+    meta = export_run(cfg, model, results["_heads"], source, run_dir, stain=stain)
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -184,6 +176,20 @@ def _cmd_masks(args):
     summary = build_mask_dataset(args.src, args.dst, weights=args.weights, method=method, mpp=args.mpp,
                                  batch_size=args.batch)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_hovernet_train(args):
+    from histokd.nuclei.training import fine_tune_hovernet, load_hovernet_config
+
+    kwargs = load_hovernet_config(args.config, args.set)
+    if args.weights:  # mode and type count come from the checkpoint unless set explicitly
+        explicit = {item.split("=", 1)[0].strip() for item in args.set or []}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("mode", "num_types") or k in explicit}
+    model, history = fine_tune_hovernet(args.src, args.out, weights=args.weights,
+                                        verbose=0 if args.quiet else 1, **kwargs)
+    last = {k: v[-1] for k, v in history.items() if v}
+    print(json.dumps({"model": str(Path(args.out) / "hovernet.keras"), "last": last}, indent=2))
     return 0
 
 
@@ -269,6 +275,14 @@ def build_parser():
     m.add_argument("--mpp", type=float, default=None, help="microns per pixel of the input")
     m.add_argument("--batch", type=int, default=8)
     m.set_defaults(fn=_cmd_masks)
+
+    h = sub.add_parser("hovernet-train", help="fine-tune HoVer-Net on image + instance-mask pairs")
+    h.add_argument("src", help="folder of NAME.png + NAME_inst.npy|png (+ NAME_type.npy|png) pairs")
+    h.add_argument("out", help="output folder (hovernet.keras, history.json)")
+    h.add_argument("--config", default="hovernet_fast", help="hovernet_fast, hovernet_original or a YAML path")
+    h.add_argument("--weights", default=None, help="official checkpoint to start from (.tar or .pth)")
+    h.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. epochs=5")
+    h.set_defaults(fn=_cmd_hovernet_train)
 
     a = sub.add_parser("analyze", help="CKA and GradCAM")
     asub = a.add_subparsers(dest="analyze_cmd", required=True)

@@ -68,6 +68,15 @@ class DataConfig:
         on_bad_image: str. ``error`` or ``skip`` (skips are counted and reported).
         cache: bool. Cache decoded images in memory (small datasets).
         stain: StainConfig. Stain normalisation.
+        label: str. ``mask_pairs`` only: the task (More From Less §2.2, Table 2) — ``tissue``
+            (the tissue class, i.e. the images' class folder) or ``nucleus_type`` ("nucleus
+            counting": the most-present nuclear type, ``Background`` only without nuclei).
+        input: str. ``mask_pairs`` only: what the batches hold. ``image`` (default): the pair
+            ``{"image", "mask"}`` — views ``mask`` (image↔mask) and the image kinds read what
+            they need, a supervised run reads the images. ``mask``: the masks only (``{"mask"}``;
+            the H&E PNGs are not decoded) — for a supervised run on masks (``views.kind:
+            identity``, geometric augmentation only) or ``views.kind: mask_symmetric``. Masks are
+            never stain-normalised, so ``mask`` needs ``data.stain.method: none``.
     """
 
     source: str = "synthetic"
@@ -82,6 +91,8 @@ class DataConfig:
     on_bad_image: str = "error"
     cache: bool = True
     stain: StainConfig = field(default_factory=StainConfig)
+    label: str = "tissue"
+    input: str = "image"
 
 
 @dataclass
@@ -91,17 +102,26 @@ class ViewsConfig:
     Args:
         kind: str. ``asymmetric`` (view_a downsampled, view_b original; More From Less §2.1),
             ``symmetric`` (both downsampled), ``identity`` (supervised: one view), ``mask``
-            (view_a = nuclear-type mask, view_b = image).
+            (view_a = nuclear-type mask, view_b = image; Table 2 "asymmetric"), ``mask_symmetric``
+            (two independently augmented views of the mask; Table 2 "symmetric"). The mask kinds
+            need ``data.source: mask_pairs`` and ``views.downsample: null``.
         downsample: int. Side in pixels the sparse view is downsampled to before being
             resized back to ``data.image_size`` (Table 1: 224/112/56/28/14/7). ``null``: none.
         augment: bool. Apply the Table S1 augmentations.
         augment_on: str. ``host`` (in tf.data) or ``device`` (inside the training step).
+        magnify_prob, magnification, crop_scale: kind ``multiscale`` (MoBY pre-training in the
+            Swin V2 paper, §III-A: "random cropping and 2x magnification"): each view is, with
+            probability ``magnify_prob``, a crop of 1/``magnification`` of the field of view
+            resized to the input size, otherwise a random resized crop of ``crop_scale`` of the area.
     """
 
     kind: str = "asymmetric"
     downsample: Optional[int] = 7
     augment: bool = True
     augment_on: str = "host"
+    magnify_prob: float = 0.5
+    magnification: float = 2.0
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
 
 
 @dataclass
@@ -139,7 +159,8 @@ class ModelConfig:
     """The method and its networks.
 
     Args:
-        method: str. ``vicreg``, ``simclr`` (joint embedding) or ``supervised``.
+        method: str. ``vicreg``, ``simclr`` (joint embedding), ``supervised``, ``moby``
+            (MoBY pre-training, see ``moby``) or ``distill`` (teacher → student, see ``distill``).
         backbone: str. Encoder of branch a (registry name: resnet50, mobilenet_v2,
             efficientnet_b0, xception, resnet18, ...).
         backbone_b: str. Encoder of branch b when it differs from branch a (CASS-style); null = same kind.
@@ -156,6 +177,60 @@ class ModelConfig:
     weights: Optional[str] = None
     shared: bool = False
     expander_dims: List[int] = field(default_factory=lambda: [8192, 8192, 8192])
+
+
+@dataclass
+class MoBYConfig:
+    """MoBY pre-training (Xie et al. 2021, "Self-Supervised Learning with Swin Transformers"),
+    used by the Swin V2 paper (§III-A) before fine-tuning; ``model.method: moby``.
+
+    Args:
+        hidden_dim, out_dim: int. Projector/predictor widths (MoBY: 4096, 256).
+        proj_layers, pred_layers: int. Dense layers of projector and predictor (MoBY: 2).
+        temperature: float. Contrastive temperature τ (MoBY: 0.2).
+        queue_size: int. Keys per queue K (MoBY: 4096); at least the global batch size.
+        base_momentum: float. Start of the momentum schedule, which rises to 1 (MoBY: 0.99).
+    """
+
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    proj_layers: int = 2
+    pred_layers: int = 2
+    temperature: float = 0.2
+    queue_size: int = 4096
+    base_momentum: float = 0.99
+
+
+@dataclass
+class DistillConfig:
+    """Teacher → student distillation (Swin V2 paper, §III-B, Eq. 1–2); ``model.method: distill``.
+
+    The student is ``model.backbone`` with a softmax head; the teacher is the trained
+    classifier of another histokd run (``teacher``: its run directory, e.g. a fine-tuned
+    Swin-B), frozen.
+
+    Args:
+        teacher: str. Run directory of the teacher (a finished ``supervised`` run, e.g. fine-tuning).
+        stage_alphas: list. α_i per distilled stage, shallow → deep (paper: 0.2, 0.15, 0.1
+            over three stages); null = evenly spaced 0.2 → 0.1 over the paired stages.
+        stages: int. Number of deepest stages to distil (paper: 3); null = every stage.
+        learnable_alphas: bool. α_i as constrained learnable parameters (the paper's variant).
+        temperature: float. τ of the KL term, Eq. (1).
+        ce_weight: float. α of Eq. (2), weight of the cross-entropy on labels.
+        feature_loss: str. ``mse`` or ``cosine`` feature alignment after projection.
+        schedule: str. ``fixed`` or ``progressive`` (stages switched on deep → shallow).
+        stage_interval_epochs: float. Epochs between switching on successive stages (progressive).
+    """
+
+    teacher: Optional[str] = None
+    stage_alphas: Optional[List[float]] = field(default_factory=lambda: [0.2, 0.15, 0.1])
+    stages: Optional[int] = 3
+    learnable_alphas: bool = False
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    feature_loss: str = "mse"
+    schedule: str = "fixed"
+    stage_interval_epochs: float = 1.0
 
 
 @dataclass
@@ -252,6 +327,8 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    moby: MoBYConfig = field(default_factory=MoBYConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -277,9 +354,13 @@ CHOICES = {
     "data.on_bad_image": ["error", "skip"],
     "data.stain.method": ["none", "macenko"],
     "data.stain.on_failure": ["passthrough", "error"],
-    "views.kind": ["asymmetric", "symmetric", "identity", "mask"],
+    "data.label": ["tissue", "nucleus_type"],
+    "data.input": ["image", "mask"],
+    "views.kind": ["asymmetric", "symmetric", "identity", "mask", "mask_symmetric", "multiscale"],
     "views.augment_on": ["host", "device"],
-    "model.method": ["vicreg", "simclr", "supervised"],
+    "model.method": ["vicreg", "simclr", "supervised", "moby", "distill"],
+    "distill.feature_loss": ["mse", "cosine"],
+    "distill.schedule": ["fixed", "progressive"],
     "train.strategy": ["auto", "one_device", "mirrored", "multi_worker"],
 }
 
@@ -318,6 +399,12 @@ def _coerce(value, tp, where: str):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept any float literal
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -367,10 +454,21 @@ def _validate(cfg: RunConfig):
         raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
     if cfg.views.downsample is not None and cfg.views.downsample < 1:
         raise ConfigError(f"views.downsample must be a positive size in pixels or null, got {cfg.views.downsample}")
-    if cfg.model.method == "supervised" and cfg.views.kind not in ("identity",):
-        raise ConfigError("model.method=supervised needs views.kind=identity (set views.downsample to train on downsampled images)")
-    if cfg.model.method != "supervised" and cfg.views.kind == "identity":
+    if cfg.model.method in ("supervised", "distill") and cfg.views.kind not in ("identity",):
+        raise ConfigError(f"model.method={cfg.model.method} needs views.kind=identity (set views.downsample "
+                          "to train on downsampled images)")
+    if cfg.model.method == "distill" and not cfg.distill.teacher:
+        raise ConfigError("model.method=distill needs distill.teacher: the run directory of a trained "
+                          "teacher (e.g. runs/finetune_swinv2_base)")
+    if cfg.views.augment_on == "device" and cfg.model.method not in ("vicreg", "simclr", "supervised"):
+        raise ConfigError(f"views.augment_on=device is not supported by model.method={cfg.model.method}; "
+                          "use views.augment_on=host")
+    if cfg.model.method == "moby" and cfg.moby.queue_size < cfg.train.batch_size:
+        raise ConfigError(f"moby.queue_size={cfg.moby.queue_size} must be >= train.batch_size="
+                          f"{cfg.train.batch_size} (each step enqueues one global batch of keys)")
+    if cfg.model.method not in ("supervised", "distill") and cfg.views.kind == "identity":
         raise ConfigError(f"model.method={cfg.model.method} needs two views: views.kind asymmetric, symmetric or mask")
+    _validate_mask_pairs(cfg)
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path (the folder, CSV or file to read)")
     if not cfg.model.expander_dims and cfg.model.method != "supervised":
@@ -378,6 +476,37 @@ def _validate(cfg: RunConfig):
     for f in cfg.eval.label_fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"eval.label_fractions must be in (0, 1], got {f}")
+
+
+def _validate_mask_pairs(cfg: RunConfig):
+    """Tissue/nuclei distillation keys (More From Less §2.1, Table 2)."""
+    d, kind = cfg.data, cfg.views.kind
+    pairs = d.source == "mask_pairs"
+    if kind in ("mask", "mask_symmetric"):
+        if not pairs:
+            raise ConfigError(f"views.kind={kind} makes views from nuclear-type masks: set data.source=mask_pairs "
+                              "and data.path to a folder written by `histokd masks`")
+        if cfg.views.downsample is not None:
+            raise ConfigError(f"views.kind={kind} uses full-resolution masks: set views.downsample=null")
+    if not pairs:
+        if d.label != "tissue":
+            raise ConfigError(f"data.label={d.label} needs data.source=mask_pairs (nucleus-type labels come "
+                              "from `histokd masks`); other sources use their own labels")
+        if d.input != "image":
+            raise ConfigError(f"data.input={d.input} needs data.source=mask_pairs (masks come from `histokd masks`)")
+        return
+    if d.input == "mask":
+        if kind not in ("identity", "mask_symmetric"):
+            raise ConfigError(f"data.input=mask yields masks only, but views.kind={kind} reads H&E images; "
+                              "use views.kind identity (supervised on masks) or mask_symmetric, or data.input=image")
+        if d.stain.method != "none":
+            raise ConfigError("data.input=mask reads no H&E images, so nothing can be stain-normalised: set "
+                              "data.stain.method=none")
+        if kind == "identity" and cfg.views.downsample is not None:
+            raise ConfigError("data.input=mask trains on full-resolution masks: set views.downsample=null")
+    if kind == "multiscale":
+        raise ConfigError("views.kind=multiscale is not available on mask_pairs data; use mask, "
+                          "mask_symmetric, asymmetric, symmetric or identity")
 
 
 def config_from_dict(data: dict) -> RunConfig:

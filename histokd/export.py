@@ -44,21 +44,28 @@ def build_classifier(encoder, head, image_size, downsample=None, stain_layer=Non
     return keras.Model(inp, probs, name=name)
 
 
-def _stain_layer(cfg):
-    if cfg.data.stain.method == "none":
+def _stain_layer(stain):
+    """The exported copy of the run's stain step: a :class:`MacenkoNormalization` on uint8 input."""
+    if stain is None or stain.normalizer is None:
         return None
     from histokd.stain import MacenkoNormalization
 
-    return MacenkoNormalization.from_target(cfg.data.stain.target, name="stain_normalization")
+    return MacenkoNormalization(fit=stain.normalizer.target_fit, name="stain_normalization",
+                                **stain.normalizer.constants)
 
 
-def export_run(cfg, model, heads: dict, source, run_dir) -> dict:
+def export_run(cfg, model, heads: dict, source, run_dir, stain=None) -> dict:
     """Write ``export/encoder_<branch>.keras``, ``export/classifier_<branch>.keras`` and
-    ``export/metadata.json`` for a trained run."""
+    ``export/metadata.json`` for a trained run.
+
+    Args:
+        stain: the run's :class:`histokd.stain.StainFn` (or None); image classifiers get the
+            same normalisation as a layer, with the fitted target stored in the metadata.
+    """
     out = Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
     size = cfg.data.image_size
-    stain = _stain_layer(cfg)
+    stain_layer = _stain_layer(stain)
     meta = {
         "histokd_version": histokd.__version__,
         "config_name": cfg.name,
@@ -70,7 +77,7 @@ def export_run(cfg, model, heads: dict, source, run_dir) -> dict:
         "input_dtype": "uint8",
         "downsample": cfg.views.downsample,
         "views": cfg.views.kind,
-        "stain": vars(cfg.data.stain).copy(),
+        "stain": dict(vars(cfg.data.stain), **(stain.metadata() if stain is not None else {})),
         "mpp": getattr(source, "mpp", None),
         "encoders": {},
         "classifiers": {},
@@ -86,7 +93,9 @@ def export_run(cfg, model, heads: dict, source, run_dir) -> dict:
         meta["encoders"][branch] = path.name
     for branch, info in heads.items():
         r = cfg.views.downsample if info["kind"] == "downsampled" else None
-        clf = build_classifier(info["encoder"], info["head"], size, downsample=r, stain_layer=stain,
+        # masks are never stain-normalised
+        layer = None if info["kind"] == "mask" else stain_layer
+        clf = build_classifier(info["encoder"], info["head"], size, downsample=r, stain_layer=layer,
                                name=f"classifier_{branch}")
         path = out / f"classifier_{branch}.keras"
         clf.save(path)

@@ -17,8 +17,8 @@ number of optimizer steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -30,6 +30,14 @@ import tensorflow as tf
 
 from histokd.config import RunConfig
 from histokd.errors import CollapseError, ConfigError, HistokdError
+from histokd.data.datasets import (  # noqa: F401  (also re-exported for scripts and tests)
+    branch_input_kinds,
+    build_data,
+    make_views,
+    stain_fn,
+    train_dataset,
+    val_dataset,
+)
 from histokd.methods.base import mirrored_strategy
 
 
@@ -78,8 +86,15 @@ def build_encoder(cfg: RunConfig, name: str, backbone=None):
     return enc
 
 
-def build_method(cfg: RunConfig, num_classes: int):
-    """The ``keras.Model`` the config describes (not compiled)."""
+def build_method(cfg: RunConfig, num_classes: int, total_steps=None):
+    """The ``keras.Model`` the config describes (not compiled).
+
+    Args:
+        cfg: RunConfig.
+        num_classes: int. Classes of the labelled task (supervised / distill heads).
+        total_steps: int. Optimizer steps of the whole run (MoBY's momentum schedule and the
+            progressive distillation schedule need it; None when only rebuilding to load weights).
+    """
     from histokd.methods import JointEmbedding, Supervised
 
     m = cfg.model
@@ -88,6 +103,10 @@ def build_method(cfg: RunConfig, num_classes: int):
         model = Supervised(enc, num_classes=num_classes, name="supervised")
         model.build()
         return model
+    if m.method == "moby":
+        return _build_moby(cfg, total_steps)
+    if m.method == "distill":
+        return _build_distiller(cfg, num_classes, total_steps)
     enc_a = build_encoder(cfg, "encoder_a")
     enc_b = None
     if not m.shared:
@@ -103,6 +122,94 @@ def build_method(cfg: RunConfig, num_classes: int):
                            loss=m.method, loss_kwargs=loss_kwargs, name=f"{m.method}_joint_embedding")
     model.build()
     return model
+
+
+def _build_moby(cfg: RunConfig, total_steps):
+    """MoBY on ``model.backbone`` (Swin V2 paper §III-A; Xie et al. 2021)."""
+    from histokd.methods.moby import MoBY
+
+    mc = cfg.moby
+    size = cfg.data.image_size
+    return MoBY(build_encoder(cfg, "encoder"), image_shape=(size, size, 3), hidden_dim=mc.hidden_dim,
+                out_dim=mc.out_dim, proj_layers=mc.proj_layers, pred_layers=mc.pred_layers,
+                temperature=mc.temperature, queue_size=mc.queue_size, base_momentum=mc.base_momentum,
+                total_steps=total_steps, seed=cfg.train.seed, name="moby")
+
+
+def _build_distiller(cfg: RunConfig, num_classes: int, total_steps):
+    """Frozen teacher (another run's classifier) → fresh student (Swin V2 paper §III-B, Eq. 1–2)."""
+    from histokd.methods import Supervised
+    from histokd.methods.distiller import Distiller, find_backbone
+
+    d = cfg.distill
+    teacher, tcfg = load_trained_model(d.teacher)
+    if tcfg.model.method != "supervised":
+        raise ConfigError(f"distill.teacher {d.teacher} is a {tcfg.model.method!r} run; the teacher must "
+                          "be a trained classifier (a supervised / fine-tuning run)")
+    if teacher.num_classes != num_classes:
+        raise ConfigError(f"the teacher in {d.teacher} predicts {teacher.num_classes} classes but this "
+                          f"dataset has {num_classes}; distil on the teacher's task")
+    if tcfg.data.image_size != cfg.data.image_size:
+        raise ConfigError(f"the teacher was trained on {tcfg.data.image_size}px images, this run uses "
+                          f"{cfg.data.image_size}px; set data.image_size={tcfg.data.image_size}")
+    teacher.name = "teacher"
+    student = Supervised(build_encoder(cfg, "student_encoder"), num_classes=num_classes, name="student")
+    student.build()
+    ns = len(getattr(find_backbone(student), "stage_names", None) or [])
+    nt = len(getattr(find_backbone(teacher), "stage_names", None) or [])
+    k = min(ns, nt) if d.stages is None else int(d.stages)
+    if k > min(ns, nt):
+        raise ConfigError(f"distill.stages={k} but the student has {ns} stages and the teacher {nt}")
+    # the k deepest stages of each, paired in order (paper: three stages)
+    pairs = [(ns - k + i, nt - k + i) for i in range(k)]
+    steps_per_epoch = max(1, (total_steps or 1) // cfg.train.epochs)
+    interval = max(1, int(round(d.stage_interval_epochs * steps_per_epoch)))
+    return Distiller(teacher, student, stage_pairs=pairs if k else None,
+                     student_stages="auto" if k else None, teacher_stages="auto" if k else None,
+                     stage_alphas=d.stage_alphas if k else [], learnable_alphas=d.learnable_alphas,
+                     temperature=d.temperature, ce_weight=d.ce_weight, feature_loss=d.feature_loss,
+                     schedule=d.schedule, stage_interval=interval if d.schedule == "progressive" else None,
+                     image_shape=(cfg.data.image_size, cfg.data.image_size, 3), name="distiller")
+
+
+def load_run_config(run_dir):
+    """``(Path, RunConfig)`` of a run directory written by ``histokd train``."""
+    from histokd.config import config_from_dict, load_yaml
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise HistokdError(f"{run_dir} is not a histokd run directory (no config.yaml); "
+                           "pass the folder `histokd train` printed")
+    return run_dir, config_from_dict(load_yaml(cfg_path))
+
+
+def load_trained_model(run_dir, num_classes=None):
+    """Rebuild a finished run's model from its config and load its last weights.
+
+    Returns:
+        (keras.Model, RunConfig)
+    """
+    run_dir, cfg = load_run_config(run_dir)
+    weights = run_dir / "checkpoints" / "last.weights.h5"
+    if not weights.exists():
+        raise HistokdError(f"{weights} does not exist: the run has not finished an epoch yet; "
+                           "run `histokd train` with the same config to resume it")
+    if num_classes is None:
+        meta = run_dir / "export" / "metadata.json"
+        if meta.exists():
+            num_classes = len(json.loads(meta.read_text())["class_names"])
+        else:
+            num_classes = len(build_data(cfg).class_names)
+    # the checkpoint holds every weight: do not re-read the initial weights file (which may be gone)
+    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
+    model = build_method(build_cfg, num_classes=num_classes)
+    try:
+        model.load_weights(weights)
+    except ValueError as e:
+        raise HistokdError(f"the weights in {weights} do not fit the model its config describes ({e}); "
+                           "was the run directory edited by hand?") from None
+    return model, cfg
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
@@ -195,72 +302,6 @@ def read_backup_state(backup_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------
-def build_data(cfg: RunConfig):
-    from histokd.data import build_source
-
-    return build_source(cfg.data)
-
-
-def stain_fn(cfg: RunConfig):
-    if cfg.data.stain.method == "none":
-        return None
-    from histokd.stain import make_stain_fn
-
-    return make_stain_fn(cfg.data.stain.method, cfg.data.stain.target, cfg.data.stain.on_failure)
-
-
-def augment_params(cfg: RunConfig) -> dict:
-    return dict(vars(cfg.augment))
-
-
-def train_dataset(cfg: RunConfig, source, global_batch: int, view_maker, stain=None):
-    from histokd.data import make_dataset
-
-    ds = make_dataset(source, "train", cfg.data.image_size, global_batch, training=True,
-                      seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
-                      cache=cfg.data.cache, repeat=True, drop_remainder=True)
-    if stain is not None:
-        ds = ds.map(lambda x, y: (stain(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if view_maker is not None:
-        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def eval_dataset(cfg: RunConfig, source, split: str, stain=None, batch_size=None):
-    from histokd.data import make_dataset
-
-    ds = make_dataset(source, split, cfg.data.image_size, batch_size or max(cfg.train.batch_size, 64),
-                      training=False, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
-                      cache=False, repeat=False, drop_remainder=False)
-    if stain is not None:
-        ds = ds.map(lambda x, y: (stain(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def make_views(cfg: RunConfig, training=True):
-    from histokd.data.views import make_view_maker
-
-    return make_view_maker(cfg.views.kind, cfg.data.image_size, downsample=cfg.views.downsample,
-                           augment=cfg.views.augment and training, aug_cfg=augment_params(cfg),
-                           seed=cfg.train.seed)
-
-
-def branch_input_kinds(cfg: RunConfig) -> dict:
-    """Which input each trained encoder reads: ``{"a": "downsampled", "b": "full"}`` etc."""
-    k, r = cfg.views.kind, cfg.views.downsample
-    down = "downsampled" if r and r < cfg.data.image_size else "full"
-    if cfg.model.method == "supervised":
-        return {"image": down}
-    if k == "asymmetric":
-        return {"a": down, "b": "full"}
-    if k == "symmetric":
-        return {"a": down, "b": down}
-    return {"a": "mask", "b": "full"}
-
-
-# ---------------------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------------------
 def prepare_run_dir(cfg: RunConfig, overwrite=False) -> Path:
@@ -317,7 +358,7 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
     ds = train_dataset(cfg, source, cfg.train.batch_size, None if on_device else views, stain)
 
     with strategy.scope():
-        model = build_method(cfg, num_classes=len(source.class_names))
+        model = build_method(cfg, num_classes=len(source.class_names), total_steps=cfg.train.epochs * steps)
         if replicas > 1:
             from histokd.methods.base import synchronize_batchnorm
 
@@ -327,25 +368,17 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
         if cfg.model.method == "supervised":
             model.compile(optimizer=make_optimizer(cfg, steps), loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=cfg.train.jit_compile)
+        elif cfg.model.method == "distill":
+            model.compile(optimizer=make_optimizer(cfg, steps), metrics=["accuracy"],
+                          jit_compile=cfg.train.jit_compile)
         else:
             model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
-    if on_device and cfg.model.method == "supervised":
+        # build the optimizer state now: one trace of the train step instead of two
+        model.optimizer.build(model.trainable_variables)
+    if on_device and cfg.model.method in ("supervised", "distill"):
         ds = ds.map(lambda x, y: views(x, y))
 
-    val_ds = None
-    n_val = source.num_examples("val")
-    if n_val >= cfg.train.batch_size:
-        # validation loss on augmented views of the val split (same loss as training)
-        from histokd.data import make_dataset
-
-        val_ds = make_dataset(source, "val", cfg.data.image_size, cfg.train.batch_size, training=False,
-                              seed=cfg.train.seed + 1, on_bad_image=cfg.data.on_bad_image,
-                              cache=cfg.data.cache, drop_remainder=True)
-        if stain is not None:
-            val_ds = val_ds.map(lambda x, y: (stain(x), y))
-        if not on_device:
-            val_ds = val_ds.map(views)
-        val_ds = val_ds.prefetch(tf.data.AUTOTUNE)
+    val_ds = val_dataset(cfg, source, None if on_device else views, stain)
 
     backup_dir = run_dir / "checkpoints" / "backup"
     state = read_backup_state(backup_dir)
@@ -394,11 +427,18 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
                            "lower train.lr or enable stain normalisation for badly stained data")
     train_seconds = time.time() - t0
 
-    results = evaluate_run(cfg, model, source, run_dir, stain=stain, progress=progress)
+    eval_cfg, eval_model = cfg, model
+    if cfg.model.method == "distill":
+        # the student is the product: evaluate and export it as a supervised classifier
+        eval_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method="supervised"))
+        eval_model = model.student
+    results = evaluate_run(eval_cfg, eval_model, source, run_dir, stain=stain, progress=progress)
     results["train"] = {"steps": steps_done, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
                         "seconds": round(train_seconds, 1), "replicas": replicas,
                         "config_hash": cfg.hash()}
-    export_run(cfg, model, results.pop("_heads"), source, run_dir)
+    if stain is not None:
+        results["stain"] = stain.counts()  # tiles seen / passed through unchanged (robustness policy)
+    export_run(cfg, eval_model, results.pop("_heads"), source, run_dir, stain=stain)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=_jsonable))
     try:
         from histokd.analysis.plots import plot_history
@@ -448,4 +488,4 @@ def steps_for(cfg: RunConfig, n_train: int) -> int:
 
 
 __all__ = ["run", "make_strategy", "build_method", "make_optimizer", "CollapseMonitor",
-           "results_table"]
+           "results_table", "load_run_config", "load_trained_model"]

@@ -89,3 +89,11 @@ def test_user_yaml_with_base(tmp_path):
     p.write_text("base: default\nname: mine\ntrain:\n  epochs: 2\n")
     cfg = load_config(str(p))
     assert cfg.name == "mine" and cfg.train.epochs == 2 and cfg.data.source == "synthetic"
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 parses 1e-3 as a string; `--set train.lr=1e-3` must still work
+    cfg = load_config("default", ["train.lr=1e-3"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config("default", ["train.lr=fast"])

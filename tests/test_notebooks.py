@@ -15,7 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
-NOTEBOOKS = ["00_quickstart.ipynb", "01_more_from_less.ipynb"]
+NOTEBOOKS = ["00_quickstart.ipynb", "01_more_from_less.ipynb", "02_swinv2_moby_distillation.ipynb"]
 
 
 def _generator():
@@ -75,7 +75,7 @@ def test_notebook_runs_in_smoke_mode_and_leaves_no_files(name, kernel_dir, tmp_p
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     tmp = Path(tempfile.gettempdir())
-    prefixes = ("histokd_quickstart_*", "histokd_more_from_less_*")  # the notebooks' mkdtemp prefixes
+    prefixes = ("histokd_quickstart_*", "histokd_more_from_less_*", "histokd_swinv2_*")  # the notebooks' mkdtemp prefixes
     before_tmp = {p.name for g in prefixes for p in tmp.glob(g)}
     before_repo = _files(REPO)
 

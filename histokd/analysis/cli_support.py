@@ -74,7 +74,7 @@ def run_encoder_units(run_dirs: Sequence) -> list:
 def _analysis_source(run_dirs, data, cfg):
     """(source, split) used for the analysis."""
     if data is None:
-        from histokd.train import build_data
+        from histokd.data.datasets import build_data
 
         source = build_data(cfg)
     else:
@@ -160,7 +160,7 @@ def cka_runs(
     """
     from histokd.analysis.cka import cka_matrix
     from histokd.analysis.plots import plot_cka_heatmap
-    from histokd.train import eval_dataset, stain_fn
+    from histokd.data.datasets import eval_dataset, stain_fn
 
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:

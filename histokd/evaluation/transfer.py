@@ -103,7 +103,7 @@ def _branch_input(meta: dict, branch: str):
     if cls:
         kind = cls.get("input", "full")
         return kind, (cls.get("downsample") if kind == "downsampled" else None)
-    # branches without a classifier (mask encoders): the rule of histokd.train.branch_input_kinds
+    # branches without a classifier (mask encoders): the rule of histokd.data.datasets.branch_input_kinds
     r, size = meta.get("downsample"), meta.get("input_size")
     down = bool(r) and (size is None or r < size)
     views = meta.get("views")

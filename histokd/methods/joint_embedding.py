@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import ops
 
 from histokd.errors import ConfigError
 from histokd.layers.heads import Expander

@@ -230,3 +230,68 @@ def fine_tune_hovernet(folder, out, weights=None, mode: str = "fast", num_types:
     model.save(out / "hovernet.keras")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     return model, history
+
+
+# ------------------------------------------------------------------ configs (histokd hovernet-train)
+HOVERNET_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def hovernet_config_names() -> List[str]:
+    """Packaged HoVer-Net training configs (``histokd/nuclei/configs/*.yaml``)."""
+    return sorted(p.stem for p in HOVERNET_CONFIG_DIR.glob("*.yaml"))
+
+
+def load_hovernet_config(name_or_path: str = "hovernet_fast", overrides=None) -> dict:
+    """Keyword arguments of :func:`fine_tune_hovernet` from a YAML config and ``key=value`` overrides.
+
+    Args:
+        name_or_path: a packaged name (:func:`hovernet_config_names`) or a YAML file path.
+        overrides: list of ``key=value`` strings (values parsed as YAML).
+
+    Raises:
+        ConfigError: unknown config, unknown key (the message lists the valid ones) or a
+            value of the wrong type.
+
+    Example:
+        >>> kw = load_hovernet_config("hovernet_fast", ["epochs=5", "frozen_epochs=5"])
+        >>> kw["epochs"]
+        5
+    """
+    import inspect
+
+    import yaml
+
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = HOVERNET_CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no HoVer-Net config {name_or_path!r}; packaged: "
+                          f"{', '.join(hovernet_config_names())} (or pass a YAML path)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of fine_tune_hovernet arguments")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. epochs=5)")
+        key, raw = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    params = inspect.signature(fine_tune_hovernet).parameters
+    valid = [k for k in params if k not in ("folder", "out", "weights", "verbose")]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown HoVer-Net training key(s) {unknown}; valid keys: {', '.join(valid)}")
+    for key, value in data.items():
+        default = params[key].default
+        if value is None or default is None or isinstance(default, (str, dict)):
+            continue
+        want = float if isinstance(default, float) else type(default)
+        if want is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, (int, float) if want is float else want):
+            raise ConfigError(f"HoVer-Net training key {key} must be {want.__name__}, got {value!r}")
+        data[key] = want(value)
+    return data
+

@@ -26,7 +26,8 @@ def run_dir(tmp_path_factory):
 
     from histokd.export import export_run
     from histokd.layers.heads import LinearHead
-    from histokd.train import branch_input_kinds, build_data, build_method, prepare_run_dir
+    from histokd.data.datasets import branch_input_kinds, build_data
+    from histokd.train import build_method, prepare_run_dir
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("default", [

@@ -1,0 +1,179 @@
+"""Config → datasets of one run: the source, stain normalisation, view makers and the
+train / validation / evaluation ``tf.data`` pipelines.
+
+Used by the runner (:mod:`histokd.train`), the evaluation (:mod:`histokd.evaluation.runner`)
+and the analysis commands, so every place that reads a run's data reads it the same way.
+
+Batches are ``(x, y)`` with ``x`` a uint8 ``[B, H, W, 3]`` image batch, or, for
+``mask_pairs`` sources, a dict ``{"image": ..., "mask": ...}`` of two such batches
+(More From Less §2.1, tissue/nuclei distillation). Stain normalisation (More From
+Less §2.3) only ever touches the H&E image, never a mask.
+
+Example:
+    >>> from histokd.config import load_config
+    >>> cfg = load_config("default")
+    >>> source = build_data(cfg)
+    >>> ds = train_dataset(cfg, source, 32, make_views(cfg), stain_fn(cfg))
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from histokd.config import RunConfig
+
+
+def build_data(cfg: RunConfig):
+    """The :class:`histokd.data.Source` that ``cfg.data`` describes."""
+    from histokd.data import build_source
+
+    return build_source(cfg.data)
+
+
+def stain_fn(cfg: RunConfig):
+    """The batched stain normaliser of ``cfg.data.stain`` (a :class:`histokd.stain.StainFn`) or None."""
+    if cfg.data.stain.method == "none":
+        return None
+    from histokd.stain import make_stain_fn
+
+    return make_stain_fn(cfg.data.stain.method, cfg.data.stain.target, cfg.data.stain.on_failure)
+
+
+def apply_stain(stain, x):
+    """Normalise the image part of a batch: ``x`` is an image batch or ``{"image", "mask"}``."""
+    if stain is None:
+        return x
+    if isinstance(x, dict):
+        out = dict(x)
+        out["image"] = stain(x["image"])
+        return out
+    return stain(x)
+
+
+def augment_params(cfg: RunConfig) -> dict:
+    """``cfg.augment`` as keyword arguments of the view makers."""
+    return dict(vars(cfg.augment))
+
+
+def make_views(cfg: RunConfig, training=True):
+    """The view maker of ``cfg.views`` (augmenting only when ``training``).
+
+    ``views.kind: multiscale`` gives MoBY's two multi-scale crops (Swin V2 paper §III-A:
+    random resized crop or, with ``views.magnify_prob``, a 2× magnified crop).
+    """
+    from histokd.data.views import make_view_maker
+
+    if cfg.views.kind == "multiscale":
+        return _multiscale_views(cfg)
+
+    return make_view_maker(cfg.views.kind, cfg.data.image_size, downsample=cfg.views.downsample,
+                           augment=cfg.views.augment and training, aug_cfg=augment_params(cfg),
+                           seed=cfg.train.seed)
+
+
+def _multiscale_views(cfg: RunConfig):
+    from histokd.data.multiscale import make_multiscale_views
+
+    make = make_multiscale_views(size=cfg.data.image_size, scale=tuple(cfg.views.crop_scale),
+                                 magnify_prob=cfg.views.magnify_prob, magnification=cfg.views.magnification)
+    seed = int(cfg.train.seed)
+
+    def views(images, labels=None):
+        v = make(images, seed=seed)
+        return v if labels is None else (v, labels)
+
+    return views
+
+
+def _with_stain(ds, stain):
+    if stain is None:
+        return ds
+    return ds.map(lambda x, y: (apply_stain(stain, x), y), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def train_dataset(cfg: RunConfig, source, global_batch: int, view_maker, stain=None):
+    """Shuffled, repeated training batches, stain-normalised, turned into views by ``view_maker``
+    (None when the views are made on the device, ``views.augment_on=device``)."""
+    from histokd.data import make_dataset
+
+    ds = make_dataset(source, "train", cfg.data.image_size, global_batch, training=True,
+                      seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
+                      cache=cfg.data.cache, repeat=True, drop_remainder=True)
+    ds = _with_stain(ds, stain)
+    if view_maker is not None:
+        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def val_dataset(cfg: RunConfig, source, view_maker, stain=None):
+    """Validation batches (views of the val split, same loss as training), or None when the
+    val split holds less than one batch."""
+    from histokd.data import make_dataset
+
+    if source.num_examples("val") < cfg.train.batch_size:
+        return None
+    ds = make_dataset(source, "val", cfg.data.image_size, cfg.train.batch_size, training=False,
+                      seed=cfg.train.seed + 1, on_bad_image=cfg.data.on_bad_image,
+                      cache=cfg.data.cache, drop_remainder=True)
+    ds = _with_stain(ds, stain)
+    if view_maker is not None:
+        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(cfg: RunConfig, source, split: str, stain=None, batch_size=None):
+    """Unshuffled, un-augmented batches of ``split`` for feature extraction and prediction."""
+    from histokd.data import make_dataset
+
+    ds = make_dataset(source, split, cfg.data.image_size, batch_size or max(cfg.train.batch_size, 64),
+                      training=False, seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
+                      cache=False, repeat=False, drop_remainder=False)
+    return _with_stain(ds, stain).prefetch(tf.data.AUTOTUNE)
+
+
+def branch_input_kinds(cfg: RunConfig) -> dict:
+    """Which input each trained encoder reads: ``{"a": "downsampled", "b": "full"}`` etc.
+
+    More From Less §2.2: the sparse encoder is evaluated on downsampled (or mask) inputs,
+    the dense encoder on full-resolution images. Table 2: ``views.kind: mask`` pairs a
+    mask encoder (a) with an image encoder (b), ``mask_symmetric`` two mask encoders, and
+    a supervised run on a mask_pairs source with ``data.input: mask`` reads masks.
+    Kinds: ``full``, ``downsampled`` (images) and ``mask``; see :func:`branch_input`.
+    """
+    k, r = cfg.views.kind, cfg.views.downsample
+    down = "downsampled" if r and r < cfg.data.image_size else "full"
+    if cfg.model.method in ("supervised", "distill"):
+        return {"image": "mask" if getattr(cfg.data, "input", "image") == "mask" else down}
+    if cfg.model.method == "moby":  # MoBY's online encoder, on full images (Swin V2 paper §III-A)
+        return {"online": "full"}
+    if k == "asymmetric":
+        return {"a": down, "b": "full"}
+    if k == "symmetric":
+        return {"a": down, "b": down}
+    if k == "mask_symmetric":
+        return {"a": "mask", "b": "mask"}
+    return {"a": "mask", "b": "full"}
+
+
+def branch_input(x, kind: str):
+    """The part of a batch ``x`` an encoder of input ``kind`` reads.
+
+    ``x["mask"]`` for ``mask``, ``x["image"]`` for ``full`` / ``downsampled`` when ``x`` is
+    a dict (mask_pairs sources); a plain image batch is returned as it is.
+
+    Example:
+        >>> ds.map(lambda x, y: (branch_input(x, "mask"), y))  # doctest: +SKIP
+    """
+    if not isinstance(x, dict):
+        return x
+    key = "mask" if kind == "mask" else "image"
+    if key not in x:
+        from histokd.errors import DataError
+
+        raise DataError(f"an encoder reading {kind!r} inputs needs {key!r} in the batch, which holds "
+                        f"{sorted(x)}; set data.input=image to read the H&E images of a mask_pairs source")
+    return x[key]
+
+
+__all__ = ["apply_stain", "augment_params", "branch_input", "branch_input_kinds", "build_data", "eval_dataset",
+           "make_views", "stain_fn", "train_dataset", "val_dataset"]
