@@ -36,6 +36,10 @@ def _cmd_train(args):
     results = run(cfg, overwrite=args.overwrite, progress=not args.quiet)
     print()
     print(results_table(results))
+    if "stain" in results:
+        c = results["stain"]
+        print(f"\nstain normalisation: {c['tiles']} tiles, {c['passed_through']} passed through unchanged "
+              "(background-only, near-white, noise or single-stain tiles)")
     print(f"\nrun directory: {Path(cfg.output_dir) / cfg.name}  "
           f"(export/, metrics.json, plots/, history.csv)")
     return 0

@@ -33,7 +33,7 @@ from keras import ops
 from histokd.backbones.base import Backbone
 from histokd.backbones.vit import _pair, build_preset, input_layer, normalization_layer
 from histokd.errors import ConfigError
-from histokd.layers.attention import DropPath, MLP, dense_initializer
+from histokd.layers.attention import DropPath, MLP, bias_add, dense_initializer, linear
 from histokd.registry import BACKBONES
 
 _MASK_VALUE = -100.0  # the reference implementation's value for cross-region pairs
@@ -197,8 +197,15 @@ class SwinV2PatchMerging(keras.layers.Layer):
             x = ops.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
         elif h % 2 or w % 2:
             x = ops.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-        x = ops.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        return self.norm(self.reduction(x))
+        c = x.shape[-1]
+        h2 = x.shape[1] // 2 if x.shape[1] is not None else ops.shape(x)[1] // 2
+        w2 = x.shape[2] // 2 if x.shape[2] is not None else ops.shape(x)[2] // 2
+        # [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]] concatenated on channels,
+        # as one reshape/transpose (channel block index = 2·col parity + row parity): four
+        # strided slices would each need a zero-filled full-size gradient buffer
+        x = ops.reshape(x, (-1, h2, 2, w2, 2, c))
+        x = ops.reshape(ops.transpose(x, (0, 1, 3, 4, 2, 5)), (-1, h2, w2, 4 * c))
+        return self.norm(linear(x, self.reduction))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], _ceil_div(input_shape[1], 2), _ceil_div(input_shape[2], 2),
@@ -274,25 +281,28 @@ class SwinV2WindowAttention(keras.layers.Layer):
 
     def call(self, x, attention_mask=None):
         n, dim, heads, hd = self.window_size ** 2, self.dim, self.num_heads, self.head_dim
-        qkv = ops.matmul(x, ops.cast(self.qkv_kernel, x.dtype))
+        qkv = ops.matmul(ops.reshape(x, (-1, dim)), ops.cast(self.qkv_kernel, x.dtype))
         if self.qkv_bias:
-            zeros = ops.zeros_like(self.q_bias)
-            qkv = qkv + ops.cast(ops.concatenate([self.q_bias, zeros, self.v_bias]), x.dtype)
+            qkv = bias_add(qkv, ops.concatenate([self.q_bias, ops.zeros_like(self.q_bias), self.v_bias]))
         qkv = ops.transpose(ops.reshape(qkv, (-1, n, 3, heads, hd)), (2, 0, 3, 1, 4))
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        # F.normalize semantics: divide by max(‖·‖, 1e-12)
-        q = q / ops.maximum(ops.sqrt(ops.sum(ops.square(q), axis=-1, keepdims=True)), 1e-12)
-        k = k / ops.maximum(ops.sqrt(ops.sum(ops.square(k), axis=-1, keepdims=True)), 1e-12)
-        scale = ops.exp(ops.minimum(self.logit_scale, math.log(100.0)))
-        attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(scale, x.dtype)[None]
-        attn = attn + ops.cast(self.position_bias(), x.dtype)[None]
+        q, k, v = ops.unstack(qkv, 3, axis=0)  # (slices would cost a full-size gradient buffer each)
+        # F.normalize semantics, x / max(‖x‖, 1e-12) = x · rsqrt(max(‖x‖², 1e-24)); the
+        # clamped logit scale is folded into the (small) per-row factor of q
+        scale = ops.cast(ops.exp(ops.minimum(self.logit_scale, math.log(100.0))), x.dtype)
+        q = q * (ops.rsqrt(ops.maximum(ops.sum(ops.square(q), axis=-1, keepdims=True), 1e-24)) * scale)
+        k = k * ops.rsqrt(ops.maximum(ops.sum(ops.square(k), axis=-1, keepdims=True), 1e-24))
+        attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        bias = ops.cast(self.position_bias(), x.dtype)  # input-independent: once per call
         if attention_mask is not None:
+            # position bias + shift mask combined once ([nW, heads, n, n]), one add on the scores
             nw = attention_mask.shape[0]
-            attn = ops.reshape(attn, (-1, nw, heads, n, n)) + ops.cast(attention_mask, x.dtype)[None, :, None]
-            attn = ops.reshape(attn, (-1, heads, n, n))
+            bias = bias[None] + ops.cast(attention_mask, x.dtype)[:, None]
+            attn = ops.reshape(ops.reshape(attn, (-1, nw, heads, n, n)) + bias, (-1, heads, n, n))
+        else:
+            attn = attn + bias[None]
         attn = ops.softmax(attn, axis=-1)
         out = ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3))
-        return self.proj(ops.reshape(out, (-1, n, dim)))
+        return linear(ops.reshape(out, (-1, n, dim)), self.proj)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -16,12 +16,14 @@ from histokd.data.sources import (
     CombinedSource,
     FolderSource,
     ManifestSource,
+    MaskPairSource,
     MedMNISTSource,
     Record,
     Source,
     SyntheticSource,
     TFRecordSource,
     build_source,
+    is_mask_dataset,
     source_from_path,
     stratified_split,
 )
@@ -29,7 +31,7 @@ from histokd.data.synthetic import make_synthetic_he
 
 __all__ = [
     "Record", "Source", "FolderSource", "ManifestSource", "MedMNISTSource", "SyntheticSource",
-    "TFRecordSource", "CombinedSource", "build_source", "source_from_path", "stratified_split",
+    "TFRecordSource", "CombinedSource", "MaskPairSource", "is_mask_dataset", "build_source", "source_from_path", "stratified_split",
     "make_synthetic_he", "prepare", "prepare_cli", "make_dataset", "dataset_info", "format_dataset_info",
     "fetch", "available_datasets", "decode_image_file", "decode_image_bytes",
 ]

@@ -44,6 +44,8 @@ def apply_stain(stain, x):
     if stain is None:
         return x
     if isinstance(x, dict):
+        if "image" not in x:  # a masks-only batch: masks are never stain-normalised
+            return x
         out = dict(x)
         out["image"] = stain(x["image"])
         return out

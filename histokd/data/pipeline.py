@@ -10,6 +10,12 @@
   ``tf.numpy_function``, which holds the GIL and is slow. For real training,
   convert once with ``histokd data prepare SRC OUT`` and train on the TFRecords.
 * **tfrecord** (``histokd data prepare`` output): parsed and PNG-decoded in graph.
+* **mask_pairs** (``histokd masks`` output, :class:`~histokd.data.sources.MaskPairSource`):
+  image/mask pairs parsed in graph; a split's examples are picked out of the shards
+  by the fingerprint of their ``path`` feature before any PNG is decoded; ``x`` is
+  ``{"image", "mask"}`` (or ``{"mask"}``), the mask resized with nearest neighbour
+  so its type ids stay exact. Shards are checked like files (``validate``: every
+  record decoded up to 2 000 examples, else the first record of each shard).
 
 Both decoders apply the same rules (16-bit → ``round(x/257)``, grey → RGB,
 alpha composited on white), so a folder read directly and its prepared TFRecords
@@ -201,6 +207,129 @@ def check_files(source: Source, split: str, records, on_bad_image="error", valid
     return good, use_tf
 
 
+# --------------------------------------------------------------------------- mask-pair checks
+def _check_mask_shard(shard: str, mode: str, expected: list):
+    """Read one ``histokd masks`` shard: ``(n_readable, bad [(path, error)], seen_paths, corruption)``."""
+    import cv2
+    import tensorflow as tf
+
+    n, bad, seen, corrupt = 0, [], [], None
+    try:
+        for raw in tf.data.TFRecordDataset(shard):
+            n += 1
+            try:
+                feats = tf.train.Example.FromString(raw.numpy()).features.feature
+                path = feats["path"].bytes_list.value[0].decode("utf-8")
+            except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt record
+                bad.append((f"{os.path.basename(shard)}#{n - 1}", f"unparsable record ({exc})"))
+                seen.append(None)
+                continue
+            seen.append(path)
+            for key in ("image_png", "mask_png"):
+                data = feats[key].bytes_list.value[0] if key in feats else b""
+                img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+                if img is None:
+                    bad.append((path, f"the {key[:-4]} PNG of {path!r} in {os.path.basename(shard)} cannot be "
+                                      "decoded"))
+                    break
+            if mode == "header":
+                break
+    except tf.errors.OpError as exc:
+        corrupt = f"{os.path.basename(shard)} is truncated or corrupt after {n} record(s) ({type(exc).__name__})"
+    return n, bad, seen, corrupt
+
+
+def check_mask_pairs(source: Source, split: str, plan, on_bad_image="error", validate="auto", progress=True):
+    """Check the shards of a mask-pair split once; returns ``(good_records, {shard: records_to_read})``.
+
+    ``validate="full"`` reads every record of the split's shards and decodes both
+    PNGs; ``"header"`` reads the first record of each shard only; ``"auto"`` is
+    ``full`` up to 2 000 examples and ``header`` above (as for image files). Both
+    check that a shard holds the examples its CSV lists, in order. Results are
+    cached on the :class:`~histokd.data.sources.MaskPairSource`.
+
+    Raises:
+        BadImageError: an undecodable example or a truncated shard with ``on_bad_image="error"``.
+        DataError: a shard does not match its CSV (the folder was edited).
+    """
+    if validate not in ("auto", "full", "header"):
+        raise DataError(f"validate must be 'auto', 'full' or 'header', got {validate!r}")
+    pairs = plan.pairs
+    shards = list(plan.shards)
+    total = sum(len(pairs.shard_rows(s)) for s in shards)
+    mode = validate if validate != "auto" else ("full" if total <= _FULL_CHECK_LIMIT else "header")
+    cache = pairs.__dict__.setdefault("_shard_checks", {})
+    todo = [s for s in shards if (s, mode) not in cache and (s, "full") not in cache]
+    if todo:
+        bar = _tqdm(len(todo), f"checking {split} mask shards ({mode})", progress)
+        for shard in todo:
+            expected = pairs.shard_rows(shard)
+            n, bad, seen, corrupt = _check_mask_shard(shard, mode, expected)
+            differ = [(s, w) for s, w in zip(seen, expected) if s is not None and s != w]
+            if differ or len(seen) > len(expected) or (mode == "full" and corrupt is None and n != len(expected)):
+                raise DataError(f"{shard} does not hold the examples its CSV {os.path.basename(shard)[:-9]}.csv "
+                                f"lists ({n} record(s) read, {len(expected)} listed"
+                                f"{f', first differing: {differ[0][0]!r} vs {differ[0][1]!r}' if differ else ''}); "
+                                "the folder was edited: rebuild it with `histokd masks`")
+            cache[(shard, mode)] = (n if corrupt else -1, bad, corrupt)
+            bar.update(1)
+        bar.close()
+    members = {r.path for r in plan.records}
+    take, bad_paths, problems = {}, {}, []
+    for shard in shards:
+        n, bad, corrupt = cache.get((shard, "full")) or cache[(shard, mode)]
+        take[shard] = n
+        for path, err in bad:
+            if path in members:
+                bad_paths[path] = err
+                problems.append(err)
+        if corrupt is not None:
+            lost = [p for p in pairs.shard_rows(shard)[max(n, 0):] if p in members]
+            for p in lost:
+                bad_paths.setdefault(p, corrupt)
+            if lost:
+                problems.append(corrupt)
+    if problems:
+        if on_bad_image == "error":
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise BadImageError(f"{problems[0]}{more} in split {split!r} of {pairs.directory}; rebuild the mask "
+                                f"dataset with `histokd masks`, or {_HINT}")
+        known = {(d["path"], d["split"]) for d in source.skipped}
+        source.skipped.extend({"path": p, "split": split, "error": e} for p, e in bad_paths.items()
+                              if (p, split) not in known)
+        warnings.warn(f"skipped {len(bad_paths)} unreadable image/mask pair(s) of {len(plan.records)} in split "
+                      f"{split!r} (data.on_bad_image=skip); they are listed in source.skipped", stacklevel=3)
+    good = [r for r in plan.records if r.path not in bad_paths]
+    return good, take
+
+
+def _parse_pair(serialized, label_field: str, with_image: bool):
+    """Parse one mask-pair example without decoding: (path, label, image PNG, mask PNG)."""
+    import tensorflow as tf
+
+    spec = {"path": tf.io.FixedLenFeature([], tf.string),
+            "mask_png": tf.io.FixedLenFeature([], tf.string),
+            label_field: tf.io.FixedLenFeature([], tf.int64)}
+    if with_image:
+        spec["image_png"] = tf.io.FixedLenFeature([], tf.string)
+    ex = tf.io.parse_single_example(serialized, spec)
+    return ex["path"], ex[label_field], ex.get("image_png", tf.constant(b"")), ex["mask_png"]
+
+
+def resize_mask_tf(mask, image_size):
+    """Resize a ``[H, W, 3]`` uint8 mask with nearest neighbour (type ids stay exact), skipped if equal."""
+    import tensorflow as tf
+
+    if image_size is None:
+        return mask
+    size = int(image_size)
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    out = tf.cond(tf.logical_and(tf.equal(h, size), tf.equal(w, size)), lambda: mask,
+                  lambda: tf.image.resize(mask, [size, size], method="nearest"))
+    out.set_shape([size, size, 3])
+    return out
+
+
 # --------------------------------------------------------------------------- datasets
 def make_dataset(source: Source, split: str, image_size, batch_size: int, training: bool, seed: int = 0,
                  on_bad_image: str = "error", cache=False, repeat: bool = False, drop_remainder=None,
@@ -232,7 +361,9 @@ def make_dataset(source: Source, split: str, image_size, batch_size: int, traini
 
     Returns:
         ``tf.data.Dataset`` of ``(images uint8 [B, S, S, 3], labels int32 [B])``,
-        prefetched.
+        prefetched. For a :class:`~histokd.data.sources.MaskPairSource` the images are
+        a dict ``{"image": uint8 [B, S, S, 3], "mask": uint8 [B, S, S, 3]}`` (only
+        ``"mask"`` with ``input="mask"``); masks are resized with nearest neighbour.
 
     Raises:
         DataError: empty split, batch larger than the split with ``drop_remainder``.
@@ -259,6 +390,8 @@ def make_dataset(source: Source, split: str, image_size, batch_size: int, traini
     autotune = tf.data.AUTOTUNE
     size = None if image_size is None else int(image_size)
     px_bytes = 3 * (size or 224) ** 2
+    if plan.kind == "mask_pairs" and plan.pairs.input == "image":
+        px_bytes *= 2  # an image and its mask
     if plan.kind != "arrays" and cache in (True, "auto"):
         need = n * px_bytes
         if cache == "auto":
@@ -343,6 +476,57 @@ def make_dataset(source: Source, split: str, image_size, batch_size: int, traini
             ds = do_cache(ds)
             if training:
                 ds = shuffle_decoded(ds, count)
+    elif plan.kind == "mask_pairs":
+        pairs = plan.pairs
+        with_image = pairs.input == "image"
+        records, take = check_mask_pairs(source, split, plan, on_bad_image, validate, progress)
+        count = len(records)
+        if count == 0:
+            raise DataError(f"every image/mask pair of split {split!r} was skipped as unreadable "
+                            "(see source.skipped)")
+        keys = tf.constant(np.sort(pairs.fingerprints([r.path for r in records])))
+        files = [f for f in plan.shards if take.get(f, -1) != 0]
+        fds = tf.data.Dataset.from_tensor_slices((files, np.asarray([take.get(f, -1) for f in files], np.int64)))
+        if training and not cache:
+            fds = fds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+        def read(f, n):
+            return tf.data.TFRecordDataset(f).take(n)
+
+        if training:
+            ds = fds.interleave(read, cycle_length=max(1, min(len(files), 8)), num_parallel_calls=autotune,
+                                deterministic=True)
+        else:  # evaluation keeps the order of the shards' CSVs
+            ds = fds.flat_map(read)
+        label_field = pairs.label_field
+        ds = ds.map(lambda s: _parse_pair(s, label_field, with_image), num_parallel_calls=autotune)
+
+        def in_split(path, label, image_png, mask_png):
+            fp = tf.strings.to_hash_bucket_fast(path, 2**63 - 1)
+            i = tf.minimum(tf.searchsorted(keys, tf.reshape(fp, [1]))[0], tf.size(keys, out_type=tf.int32) - 1)
+            return tf.equal(tf.gather(keys, i), fp)
+
+        ds = ds.filter(in_split)
+        if training and not cache:  # shuffle the still-encoded pairs; shard shuffling adds the rest
+            ds = ds.shuffle(shuffle_buffer or min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
+        label_map = None if plan.label_map is None else tf.constant(np.asarray(plan.label_map, np.int64))
+
+        def decode(path, label, image_png, mask_png):
+            if label_map is not None:
+                label = tf.gather(label_map, label)
+            mask = resize_mask_tf(tf.io.decode_png(mask_png, channels=3, dtype=tf.uint8), size)
+            x = {"mask": mask}
+            if with_image:
+                x["image"] = resize_tf(tf.io.decode_png(image_png, channels=3, dtype=tf.uint8), size)
+            return x, tf.cast(label, tf.int32)
+
+        ds = ds.map(decode, num_parallel_calls=autotune)
+        if on_bad_image == "skip":
+            ds = ds.ignore_errors(log_warning=True)
+        if cache:
+            ds = do_cache(ds)
+            if training:
+                ds = shuffle_decoded(ds, count)
     else:
         raise DataError(f"unsupported source kind {plan.kind!r}")
 
@@ -378,6 +562,12 @@ def dataset_info(source: Source) -> dict:
             plan = source.plan(s)
             if plan.kind == "arrays":
                 image_size = list(plan.images.shape[1:3])
+            elif plan.kind == "mask_pairs":
+                import tensorflow as tf
+
+                for raw in tf.data.TFRecordDataset(plan.shards[:1]).take(1):
+                    feats = tf.train.Example.FromString(raw.numpy()).features.feature
+                    image_size = [int(feats["height"].int64_list.value[0]), int(feats["width"].int64_list.value[0])]
             elif plan.kind == "tfrecord":
                 import tensorflow as tf
 

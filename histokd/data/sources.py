@@ -1,7 +1,7 @@
 """Dataset sources: where images and labels come from.
 
 A *source* lists :class:`Record` s per split (``train``/``val``/``test``) and knows
-its class names. Four kinds of storage are behind the same interface:
+its class names. Five kinds of storage are behind the same interface:
 
 * **files**: :class:`FolderSource` (one sub-folder per class) and
   :class:`ManifestSource` (a CSV ``path,label,split,slide_id,patient_id,mpp``);
@@ -9,6 +9,8 @@ its class names. Four kinds of storage are behind the same interface:
   :class:`SyntheticSource` (the procedural H&E demo set, embedded);
 * **tfrecord**: :class:`TFRecordSource` (a directory written by
   :func:`histokd.data.records.prepare`, i.e. ``histokd data prepare``);
+* **mask pairs**: :class:`MaskPairSource` (H&E image / nuclear-type mask pairs
+  written by ``histokd masks``, labelled by tissue or most-present nucleus type);
 
 and :class:`CombinedSource` puts an external test set beside a training source
 (e.g. CRC-VAL-HE-7K beside NCT-CRC-HE-100K, as in "More From Less", Farndale,
@@ -75,12 +77,14 @@ class SplitPlan:
     """How to read one split (used by the tf.data pipeline and by ``prepare``).
 
     Attributes:
-        kind: "arrays", "files" or "tfrecord".
+        kind: "arrays", "files", "tfrecord" or "mask_pairs".
         records: the split's records.
         images, labels: uint8 ``[N,H,W,3]`` / int ``[N]`` for ``kind="arrays"``.
-        shards: TFRecord files for ``kind="tfrecord"``.
+        shards: TFRecord files for ``kind="tfrecord"`` and ``kind="mask_pairs"``.
         label_map: optional int array mapping stored labels to this source's labels
             (TFRecord shards of an external test set).
+        pairs: the :class:`MaskPairSource` owning the shards for ``kind="mask_pairs"``
+            (the records' ``path`` names the examples of the split).
     """
 
     kind: str
@@ -89,6 +93,7 @@ class SplitPlan:
     labels: np.ndarray | None = None
     shards: list | None = None
     label_map: np.ndarray | None = None
+    pairs: object | None = None
 
 
 def _check_split(split: str) -> str:
@@ -823,6 +828,235 @@ class TFRecordSource(Source):
         return {"type": "tfrecord", "path": str(self.directory), "prepared_from": self.meta.get("source")}
 
 
+# --------------------------------------------------------------------------- mask pairs
+#: Labels a :class:`MaskPairSource` can train on (``data.label``).
+MASK_PAIR_LABELS = ("tissue", "nucleus_type")
+#: What a :class:`MaskPairSource` yields as ``x`` (``data.input``).
+MASK_PAIR_INPUTS = ("image", "mask")
+_MASK_SHARD = re.compile(r"^masks-(\d{5})\.tfrecord$")
+_FINGERPRINT_BUCKETS = 2**63 - 1
+
+
+def path_fingerprints(paths) -> np.ndarray:
+    """64-bit fingerprints of example paths, equal to the in-graph ``tf.strings.to_hash_bucket_fast``.
+
+    The tf.data pipeline selects a split's examples by looking the fingerprint of
+    each example's ``path`` feature up in the sorted fingerprints of the split.
+    """
+    import tensorflow as tf
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        return np.zeros((0,), np.int64)
+    return tf.strings.to_hash_bucket_fast(tf.constant(paths), _FINGERPRINT_BUCKETS).numpy().astype(np.int64)
+
+
+def is_mask_dataset(path) -> bool:
+    """Whether ``path`` is a folder written by ``histokd masks`` (:func:`histokd.nuclei.build_mask_dataset`)."""
+    q = Path(path).expanduser()
+    meta = q / "dataset.json"
+    if not q.is_dir():
+        return False
+    if meta.is_file():
+        try:
+            with open(meta) as f:
+                return "type_names" in json.load(f)
+        except (OSError, ValueError):
+            return False
+    return any(_MASK_SHARD.match(p.name) for p in q.iterdir())
+
+
+class MaskPairSource(Source):
+    """Paired H&E image / nuclear-type mask examples written by ``histokd masks``.
+
+    "More From Less" (Farndale, Insall & Yuan), §2.1 "Tissue-Nuclei Distillation"
+    and Table 2: every tile is paired with the mask of its nuclei coloured by type
+    (the type id repeated to 3 channels), and labelled by tissue class (the
+    image's class folder) or by the "cell type most present in each image"
+    (``Background`` only when the tile holds no nucleus).
+
+    Reads a folder made by :func:`histokd.nuclei.build_mask_dataset`:
+    ``dataset.json`` (type names, tissue names, method), committed shards
+    ``masks-NNNNN.tfrecord`` with their ``masks-NNNNN.csv`` (one row per example,
+    in shard order). The split is seeded and stratified by the joint (tissue,
+    most-present type) label, so it is the *same* for ``label="tissue"`` and
+    ``label="nucleus_type"``: an encoder trained on one task is never tested on
+    its training tiles in the other (the Table 2 transfer).
+
+    :func:`histokd.data.make_dataset` yields ``({"image", "mask"}, label)``
+    batches (``input="image"``) or ``({"mask"}, label)`` (``input="mask"``: the
+    H&E PNGs are not decoded): images resized with antialiased bilinear
+    interpolation, masks with nearest neighbour (type ids stay exact).
+
+    Args:
+        directory: str. The ``histokd masks`` output folder.
+        label: str. ``tissue`` (class names: the tissue folder names) or
+            ``nucleus_type`` (class names: the segmenter's type names).
+        input: str. ``image`` (pairs) or ``mask`` (masks only).
+        val_fraction, test_fraction: float. Split fractions.
+        seed: int. Split seed.
+
+    Raises:
+        DataError: not a mask dataset, no committed shard, tissue labels asked for
+            images that were not in class folders, duplicate or out-of-range rows.
+
+    Example:
+        >>> src = MaskPairSource("masks/nct_crc_he_100k", label="nucleus_type")  # doctest: +SKIP
+        >>> src.class_names                                                       # doctest: +SKIP
+        ['Background', 'Neoplastic', 'Inflammatory', 'Connective', 'Dead', 'Non-Neoplastic Epithelial']
+    """
+
+    kind = "mask_pairs"
+
+    def __init__(self, directory, label="tissue", input="image", val_fraction=0.2, test_fraction=0.0, seed=0):
+        super().__init__()
+        if label not in MASK_PAIR_LABELS:
+            raise ConfigError(f"data.label must be one of {list(MASK_PAIR_LABELS)} for mask_pairs data, got {label!r}")
+        if input not in MASK_PAIR_INPUTS:
+            raise ConfigError(f"data.input must be one of {list(MASK_PAIR_INPUTS)}, got {input!r}")
+        self.directory = Path(directory).expanduser()
+        self.label, self.input = label, input
+        self.val_fraction, self.test_fraction = _check_fractions(val_fraction, test_fraction)
+        self.seed = int(seed)
+        build = f"build one with `histokd masks SRC {self.directory} --weights PATH` (or --method classical)"
+        if not self.directory.is_dir():
+            raise DataError(f"mask dataset folder {str(self.directory)!r} does not exist; {build}")
+        meta_path = self.directory / "dataset.json"
+        if not meta_path.is_file():
+            raise DataError(f"{str(self.directory)!r} is not a mask dataset (no dataset.json); {build}")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{meta_path} is not valid JSON ({e}); {build}") from None
+        if "type_names" not in self.meta:
+            raise DataError(f"{str(self.directory)!r} holds a dataset.json without type_names: it is not a "
+                            f"`histokd masks` output (a `histokd data prepare` folder is data.source=tfrecord); "
+                            f"{build}")
+        self.type_names = [str(t) for t in self.meta["type_names"]]
+        self.tissue_names = [str(t) for t in self.meta.get("tissue_names") or []]
+        self.mpp = self.meta.get("mpp")
+        shards, uncommitted = [], []
+        for p in sorted(self.directory.iterdir()):
+            if _MASK_SHARD.match(p.name):
+                (shards if p.with_suffix(".csv").is_file() else uncommitted).append(p)
+        if not shards:
+            raise DataError(f"no committed shards (masks-NNNNN.tfrecord + masks-NNNNN.csv) in "
+                            f"{str(self.directory)!r}: `histokd masks` has not finished a shard yet; run or "
+                            f"resume it: `histokd masks SRC {self.directory} ...`")
+        if uncommitted or any(self.directory.glob("*.tmp")) or not (self.directory / "counts.csv").is_file():
+            warnings.warn(f"{self.directory} looks like an interrupted `histokd masks` run (uncommitted shards or "
+                          "no counts.csv); only its committed shards are read. Rerun the same command to "
+                          "finish it", stacklevel=2)
+        self._shards = [str(p) for p in shards]
+        paths, tissue, types, shard_of = [], [], [], []
+        for si, p in enumerate(shards):
+            with open(p.with_suffix(".csv"), newline="") as f:
+                for line, row in enumerate(csv.DictReader(f), start=2):
+                    try:
+                        paths.append(row["path"])
+                        tissue.append(int(row["tissue_label"]))
+                        types.append(int(row["label"]))
+                    except (KeyError, TypeError, ValueError):
+                        raise DataError(f"{p.with_suffix('.csv')} line {line} lacks path/tissue_label/label "
+                                        "values; the folder was edited or written by another tool: rebuild "
+                                        "it with `histokd masks`") from None
+                    shard_of.append(si)
+        self._paths = paths
+        self._shard_rows = {s: [] for s in self._shards}
+        for path, si in zip(paths, shard_of):
+            self._shard_rows[self._shards[si]].append(path)
+        seen, dup = set(), []
+        for path in paths:
+            if path in seen:
+                dup.append(path)
+            seen.add(path)
+        if dup:
+            raise DataError(f"{len(dup)} image(s) appear twice in {self.directory} (e.g. {dup[:3]}); the folder "
+                            "mixes two `histokd masks` runs: rebuild it into an empty folder")
+        tissue = np.asarray(tissue, np.int64)
+        types = np.asarray(types, np.int64)
+        if (types < 0).any() or (types >= len(self.type_names)).any():
+            raise DataError(f"nucleus-type labels of {self.directory} fall outside the {len(self.type_names)} "
+                            f"type names {self.type_names}; rebuild it with `histokd masks`")
+        has_tissue = bool(self.tissue_names) and bool((tissue >= 0).all()) and bool(
+            (tissue < len(self.tissue_names)).all())
+        if label == "tissue":
+            if not has_tissue:
+                n_missing = int((tissue < 0).sum())
+                raise DataError(f"data.label=tissue, but {n_missing} of {len(tissue)} images of {self.directory} "
+                                "have no tissue class (they were not in class sub-folders when `histokd masks` "
+                                "ran). Build the mask dataset from a folder with one sub-folder per tissue "
+                                "class (SRC/<class>/<images>), or set data.label=nucleus_type")
+            self.class_names = list(self.tissue_names)
+            labels = tissue
+        else:
+            self.class_names = list(self.type_names)
+            labels = types
+        self._tissue, self._types = tissue, types
+        strata = tissue * len(self.type_names) + types if has_tissue else types
+        assign = stratified_split(strata, self.val_fraction, self.test_fraction, self.seed)
+        self._records = {s: [] for s in SPLITS}
+        for i, (path, y, s) in enumerate(zip(paths, labels, assign)):
+            self._records[s].append(Record(path, int(y), s, mpp=self.mpp, index=i))
+        self._field_index = {s: np.asarray([r.index for r in self._records[s]], np.int64) for s in SPLITS}
+        self._fingerprints = None
+
+    @property
+    def label_field(self) -> str:
+        """The TFRecord feature holding this source's labels (``tissue_label`` or ``label``)."""
+        return "tissue_label" if self.label == "tissue" else "label"
+
+    def records(self, split):
+        return list(self._records[_check_split(split)])
+
+    def shard_paths(self) -> list[str]:
+        """Committed shard files, in order."""
+        return list(self._shards)
+
+    def shard_rows(self, shard: str) -> list[str]:
+        """Example paths of one shard, in the order the shard holds them (its CSV)."""
+        return list(self._shard_rows[shard])
+
+    def fingerprints(self, paths) -> np.ndarray:
+        """Fingerprints of some of this dataset's example paths (see :func:`path_fingerprints`)."""
+        if self._fingerprints is None:
+            fp = path_fingerprints(self._paths)
+            if len(np.unique(fp)) != len(fp):  # pragma: no cover - 2^-64 per pair
+                raise DataError(f"two example paths of {self.directory} share a 64-bit fingerprint; rename one")
+            self._fingerprints = dict(zip(self._paths, fp.tolist()))
+        return np.asarray([self._fingerprints[p] for p in paths], np.int64)
+
+    def field_labels(self, field: str, split: str) -> np.ndarray:
+        """Labels of ``split`` (record order) for ``field`` ``tissue`` or ``nucleus_type``.
+
+        Both tasks of Table 2 label the same tiles; this gives the other task's labels
+        (e.g. for :class:`histokd.evaluation.transfer.TransferTask`).
+        """
+        idx = self._field_index[_check_split(split)]
+        if field == "nucleus_type":
+            return self._types[idx]
+        if field == "tissue":
+            if (self._tissue[idx] < 0).any():
+                raise DataError(f"the images of {self.directory} have no tissue classes (no class folders)")
+            return self._tissue[idx]
+        raise DataError(f"unknown label field {field!r}; mask datasets have {list(MASK_PAIR_LABELS)}")
+
+    def field_class_names(self, field: str) -> list[str]:
+        """Class names of a label field (``tissue`` or ``nucleus_type``)."""
+        if field not in MASK_PAIR_LABELS:
+            raise DataError(f"unknown label field {field!r}; mask datasets have {list(MASK_PAIR_LABELS)}")
+        return list(self.tissue_names if field == "tissue" else self.type_names)
+
+    def plan(self, split):
+        return SplitPlan("mask_pairs", self.records(split), shards=self.shard_paths(), pairs=self)
+
+    def describe(self):
+        return {"type": "mask_pairs", "path": str(self.directory), "label": self.label, "input": self.input,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "seed": self.seed,
+                "method": self.meta.get("method"), "type_names": self.type_names}
+
+
 # --------------------------------------------------------------------------- combined
 class CombinedSource(Source):
     """Train/val from one source, test from another (an external cohort).
@@ -894,6 +1128,9 @@ class CombinedSource(Source):
         if kind == "tfrecord":
             shards = [p for s in self.test_source.splits for p in self.test_source.plan(s).shards]
             return SplitPlan("tfrecord", [], shards=shards, label_map=self.label_map)
+        if kind == "mask_pairs":
+            return SplitPlan("mask_pairs", self.records("test"), shards=self.test_source.shard_paths(),
+                             label_map=self.label_map, pairs=self.test_source)
         return SplitPlan(kind, self.records("test"))
 
     def labels(self, split):
@@ -955,6 +1192,13 @@ def _build_tfrecord(cfg) -> Source:
     return TFRecordSource(_need_path(cfg, "tfrecord"))
 
 
+@DATASETS.register("mask_pairs")
+def _build_mask_pairs(cfg) -> Source:
+    return MaskPairSource(_need_path(cfg, "mask_pairs"), label=_get(cfg, "label", "tissue"),
+                          input=_get(cfg, "input", "image"), val_fraction=_get(cfg, "val_fraction", 0.2),
+                          test_fraction=_get(cfg, "test_fraction", 0.0), seed=_get(cfg, "seed", 0))
+
+
 @DATASETS.register("auto")
 def _build_auto(cfg) -> Source:
     return source_from_path(_need_path(cfg, "auto"), val_fraction=_get(cfg, "val_fraction", 0.2),
@@ -966,8 +1210,10 @@ def source_from_path(path, val_fraction=0.2, test_fraction=None, seed=0, image_s
                      synthetic_per_class=96, synthetic_classes=4) -> Source:
     """Build a source from a path, guessing its kind.
 
-    ``"synthetic"`` → :class:`SyntheticSource`; a folder with ``dataset.json`` →
-    :class:`TFRecordSource`; another folder → :class:`FolderSource`; ``*.csv`` →
+    ``"synthetic"`` → :class:`SyntheticSource`; a ``histokd masks`` folder →
+    :class:`MaskPairSource` (tissue labels when the images had class folders, else
+    nucleus types); another folder with ``dataset.json`` → :class:`TFRecordSource`;
+    another folder → :class:`FolderSource`; ``*.csv`` →
     :class:`ManifestSource`; ``*.npz`` → :class:`MedMNISTSource`.
 
     Args:
@@ -991,6 +1237,9 @@ def source_from_path(path, val_fraction=0.2, test_fraction=None, seed=0, image_s
     test_fraction = 0.0 if test_fraction is None else test_fraction
     q = Path(p).expanduser()
     if q.is_dir():
+        if is_mask_dataset(q):
+            return MaskPairSource(q, label="tissue" if _has_tissue(q) else "nucleus_type",
+                                  val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         if (q / "dataset.json").is_file():
             return TFRecordSource(q)
         return FolderSource(q, val_fraction, test_fraction, seed)
@@ -1005,13 +1254,23 @@ def source_from_path(path, val_fraction=0.2, test_fraction=None, seed=0, image_s
                     "a MedMNIST .npz, a folder written by `histokd data prepare`, or 'synthetic'")
 
 
+def _has_tissue(path) -> bool:
+    try:
+        with open(Path(path) / "dataset.json") as f:
+            return bool(json.load(f).get("tissue_names"))
+    except (OSError, ValueError):
+        return False
+
+
 def build_source(data_cfg) -> Source:
     """Build the dataset source described by a run's ``data`` configuration.
 
-    Reads (with defaults) ``source`` (synthetic|folder|manifest|medmnist|tfrecord|auto),
+    Reads (with defaults) ``source`` (synthetic|folder|manifest|medmnist|tfrecord|mask_pairs|auto),
     ``path``, ``test_path``, ``val_fraction``, ``test_fraction``, ``seed``,
-    ``synthetic_per_class``, ``synthetic_classes``, ``image_size`` from any object
-    with those attributes (or a mapping). With ``test_path`` the result is a
+    ``synthetic_per_class``, ``synthetic_classes``, ``image_size``, ``label`` and
+    ``input`` (mask_pairs) from any object with those attributes (or a mapping).
+    For ``mask_pairs`` the ``test_path`` must be another ``histokd masks`` folder
+    (e.g. the masks of CRC-VAL-HE-7K), read with the same ``label`` and ``input``. With ``test_path`` the result is a
     :class:`CombinedSource`: train/val from ``path`` (built with
     ``test_fraction=0``), test = every image under ``test_path``, like
     CRC-VAL-HE-7K as the external test set of NCT-CRC-HE-100K in "More From
@@ -1033,10 +1292,22 @@ def build_source(data_cfg) -> Source:
     if not test_path:
         return DATASETS.get(kind)(data_cfg)
     fields = ("source", "path", "val_fraction", "seed", "synthetic_per_class", "synthetic_classes",
-              "image_size", "classes")
+              "image_size", "classes", "label", "input")
     shim = SimpleNamespace(**{f: _get(data_cfg, f) for f in fields})
     shim.test_fraction = 0.0
     main = DATASETS.get(kind)(shim)
+    if kind == "mask_pairs":
+        if not is_mask_dataset(test_path):
+            raise DataError(f"data.source=mask_pairs needs data.test_path to be a `histokd masks` folder too "
+                            f"(image/mask pairs), got {str(test_path)!r}; build it with "
+                            f"`histokd masks TEST_IMAGES {test_path} ...`")
+        test = MaskPairSource(test_path, label=main.label, input=main.input, val_fraction=0.0,
+                              test_fraction=0.0, seed=_get(data_cfg, "seed", 0))
+        if main.label == "nucleus_type" and test.type_names != main.type_names:
+            raise DataError(f"{main.directory} and {test_path} were segmented with different nuclear type sets "
+                            f"({main.type_names} vs {test.type_names}); rebuild one with the same "
+                            "`histokd masks --method/--weights`")
+        return CombinedSource(main, test)
     with warnings.catch_warnings():  # an external test set may well hold a single class
         warnings.filterwarnings("ignore", message=".*single class folder")
         test = source_from_path(test_path, val_fraction=0.0, test_fraction=0.0, seed=_get(data_cfg, "seed", 0),

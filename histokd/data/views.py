@@ -17,8 +17,17 @@ asymmetric    ``view_a`` = augment(downsample(x, r)), ``view_b`` = augment(x)
 symmetric     ``view_a``, ``view_b`` = two independent augment(downsample(x, r))
 identity      ``image`` = augment(downsample(x, r)) (supervised baseline)
 mask          ``view_a`` = geometric augment(mask), ``view_b`` = augment(image)
+              (asymmetric image <-> mask pairs, Table 2)
+mask_symmetric ``view_a``, ``view_b`` = two independent geometric augment(mask)
+              (symmetric mask <-> mask pairs, Table 2)
 eval          ``image`` = downsample(x, r) (no augmentation; feature extraction)
 ============  ===============================================================
+
+Batches of a mask-pair source (:class:`histokd.data.sources.MaskPairSource`) are
+dicts ``{"image", "mask"}`` (or ``{"mask"}`` with ``data.input: mask``). The image
+kinds (asymmetric, symmetric, identity, eval) read ``x["image"]``; ``identity`` and
+``eval`` on a mask-only dict read the mask and, like every mask view, augment it
+geometrically only (supervised training on masks, Table 2).
 
 As in the paper, downsampling comes *first* and the augmentations are
 applied to the degraded image at the working size. The two views of a pair
@@ -72,6 +81,7 @@ from histokd.registry import VIEWS
 
 __all__ = [
     "KINDS",
+    "MASK_KINDS",
     "Downsample",
     "ViewMaker",
     "ViewMakerLayer",
@@ -82,7 +92,9 @@ __all__ = [
     "resize_matrix",
 ]
 
-KINDS = ("asymmetric", "symmetric", "identity", "mask", "eval")
+KINDS = ("asymmetric", "symmetric", "identity", "mask", "mask_symmetric", "eval")
+#: Kinds whose views are made from nuclear-type masks (no downsampling, geometric augmentation only).
+MASK_KINDS = ("mask", "mask_symmetric")
 
 
 def _to_float(images):
@@ -247,6 +259,30 @@ def _split_mask_inputs(inputs):
     )
 
 
+def _mask_of(inputs):
+    """The mask batch of a mask_symmetric input: ``{"mask", ...}``, ``(mask, image)`` or the mask itself."""
+    if isinstance(inputs, Mapping):
+        if "mask" not in inputs:
+            raise DataError(f"kind='mask_symmetric' needs a dict with key 'mask', got keys {sorted(inputs)}; "
+                            "read a mask_pairs source (data.source: mask_pairs)")
+        return inputs["mask"]
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
+        return inputs[0]
+    return inputs
+
+
+def _image_of(inputs, kind):
+    """(batch, is_mask) read by an image kind: ``x["image"]`` of a pair dict, a mask-only dict's mask."""
+    if not isinstance(inputs, Mapping):
+        return inputs, False
+    if "image" in inputs:
+        return inputs["image"], False
+    if "mask" in inputs and kind in ("identity", "eval"):
+        return inputs["mask"], True
+    raise DataError(f"kind={kind!r} reads H&E images but the batch holds only {sorted(inputs)}; "
+                    "set data.input=image (a mask-only batch suits views.kind identity or mask_symmetric)")
+
+
 def _prepare(images, image_size, method="bilinear"):
     """Checks rank/channels and brings a batch to the working size (keeps uint8)."""
     x = tf.convert_to_tensor(images)
@@ -289,7 +325,8 @@ def make_views(
 
     Args:
         kind: str. One of :data:`KINDS`.
-        inputs: [B, S, S, 3] uint8/float images, or (mask, image) for "mask".
+        inputs: [B, S, S, 3] uint8/float images, (mask, image) or {"mask", "image"} for
+            "mask", {"mask", ...} or a mask batch for "mask_symmetric" (see the module docstring).
         seed: [2] int tensor. Stateless seed of this batch (ignored if cfg is None).
         image_size: int. Working size S of every view.
         downsample: int | None. Low resolution r.
@@ -328,6 +365,24 @@ def make_views(
             ),
             "view_b": augment_batch(image, seeds[1], cfg, output_size=size),
         }
+    if kind == "mask_symmetric":
+        mask = _prepare(_mask_of(inputs), image_size, method="nearest")
+        if cfg is None:
+            m = _to_float(mask)
+            return {"view_a": m, "view_b": m}
+        return {
+            "view_a": augment_batch(mask, seeds[0], cfg, output_size=size, geometric_only=True,
+                                    interpolation=mask_interpolation),
+            "view_b": augment_batch(mask, seeds[1], cfg, output_size=size, geometric_only=True,
+                                    interpolation=mask_interpolation),
+        }
+    inputs, is_mask = _image_of(inputs, kind)
+    if is_mask:  # supervised on masks: geometric augmentation only, type ids kept exact
+        mask = _prepare(inputs, image_size, method="nearest")
+        if cfg is None:
+            return {"image": _to_float(mask)}
+        return {"image": augment_batch(mask, seeds[0], cfg, output_size=size, geometric_only=True,
+                                       interpolation=mask_interpolation)}
     x = _prepare(inputs, image_size)
     if kind == "asymmetric":
         return {"view_a": view(x, downsample, seeds[0]), "view_b": view(x, None, seeds[1])}
@@ -347,9 +402,10 @@ def _check(kind, image_size, downsample):
     if downsample is not None:
         if not isinstance(downsample, int) or downsample < 1:
             raise ConfigError(f"downsample must be a positive integer or null, got {downsample!r}")
-        if kind == "mask":
+        if kind in MASK_KINDS:
             raise ConfigError(
-                "kind='mask' pairs masks with full-resolution images; set downsample to null"
+                f"kind={kind!r} makes views from nuclear-type masks at full resolution; "
+                "set views.downsample to null"
             )
 
 
@@ -433,8 +489,10 @@ class ViewMaker:
         """
         seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
         spec = dataset.element_spec
+        # a 2-tuple is (images, labels), except (mask, image) batches of the mask kinds
         with_labels = isinstance(spec, tuple) and len(spec) == 2 and (
-            self.kind != "mask" or isinstance(spec[0], (tuple, dict))
+            self.kind not in MASK_KINDS or isinstance(spec[0], (tuple, dict))
+            or getattr(spec[1], "shape", None) is None or spec[1].shape.rank != 4
         )
         if with_labels:
             fn = lambda el, s: self(el[0], el[1], seed=s)  # noqa: E731
@@ -466,7 +524,7 @@ def make_view_maker(
     *More From Less*, Section 2.1 and Table S1.
 
     Args:
-        kind: str. "asymmetric", "symmetric", "identity", "mask" or "eval".
+        kind: str. "asymmetric", "symmetric", "identity", "mask", "mask_symmetric" or "eval".
         image_size: int. Working size S (224 in the paper).
         downsample: int | None. Low resolution r (7..224); None = full resolution.
         augment: bool. Apply Table S1 augmentations (ignored for "eval").
@@ -560,7 +618,7 @@ class ViewMakerLayer(keras.layers.Layer):
         return ("image",) if self.kind in ("identity", "eval") else ("view_a", "view_b")
 
     def compute_output_spec(self, inputs, training=None):
-        batch = (inputs["image"] if isinstance(inputs, Mapping) else
+        batch = (next(iter(inputs.values())) if isinstance(inputs, Mapping) else
                  inputs[1] if isinstance(inputs, (tuple, list)) else inputs).shape[0]
         shape = (batch, self.image_size, self.image_size, 3)
         return {n: keras.KerasTensor(shape, dtype="float32") for n in self._names()}

@@ -77,8 +77,9 @@ def linear_probe(train_x, train_y, num_classes, epochs=100, lr=1e-3, batch_size=
     keras.utils.set_random_seed(seed)
     inp = keras.Input((train_x.shape[1],), name="features")
     head = keras.Model(inp, LinearHead(num_classes, name="linear_head")(inp), name="probe")
+    # XLA is slower than TF's kernels for this small model on CPU (and "auto" would enable it)
     head.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
+                 metrics=["accuracy"], jit_compile=False)
     ds = tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(len(train_x), seed=seed)
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     val_ds = None

@@ -23,14 +23,17 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
     More From Less §2.2: the frozen encoder's features train a softmax dense layer for
     ``eval.probe_epochs`` epochs with Adam at ``eval.probe_lr``; "for a downsampled config
     the sparse encoder is evaluated on downsampled test images and the dense encoder on
-    full-resolution ones". A supervised model is evaluated with its own head.
+    full-resolution ones". A supervised model is evaluated with its own head. Each
+    encoder reads its own input (:func:`histokd.data.datasets.branch_input`): on a
+    mask_pairs source (Table 2) mask encoders get ``x["mask"]`` and image encoders
+    ``x["image"]`` of the same tiles.
 
     Returns:
         dict with ``evaluation`` → {"<branch> (<input>)": {"<fraction>": metrics}},
         ``test_split`` and ``_heads`` (branch → (head model, preprocess spec)) for export.
     """
     from histokd.data.views import Downsample
-    from histokd.train import branch_input_kinds, eval_dataset
+    from histokd.data.datasets import branch_input, branch_input_kinds, eval_dataset
 
     split = _test_split(source)
     out = {"evaluation": {}, "test_split": split, "_heads": {}}
@@ -45,16 +48,24 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
     kinds = branch_input_kinds(cfg)
     encoders = model.branch_encoders()
     cache = {}
+    by_kind = {}
+
+    def datasets_for(kind):
+        # one selection per input kind; a plain image batch passes through unchanged
+        if kind not in by_kind:
+            by_kind[kind] = tuple(
+                ds.map(lambda x, y, _k=kind: (branch_input(x, _k), y)) if isinstance(ds.element_spec[0], dict)
+                else ds for ds in (train_ds, test_ds))
+        return by_kind[kind]
+
     for branch, kind in kinds.items():
-        if kind == "mask":
-            print(f"[histokd] branch {branch} reads masks; evaluate it with a mask_pairs source")
-            continue
         enc = encoders[branch]
+        kind_train_ds, kind_test_ds = datasets_for(kind)
         pre = Downsample(r, cfg.data.image_size) if kind == "downsampled" else None
         label = f"{branch} ({kind}{' ' + str(r) + 'px' if kind == 'downsampled' else ''})"
         key = (id(enc), kind)
         if cfg.model.method == "supervised":
-            te_x, te_y = extract_features(enc, test_ds, pre, progress, desc=f"{label} test")
+            te_x, te_y = extract_features(enc, kind_test_ds, pre, progress, desc=f"{label} test")
             probs = model.head(te_x).numpy()
             m = classification_metrics(te_y, probs, names)
             out["evaluation"][label] = {"1.0": m}
@@ -62,8 +73,8 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
             _plots(cfg, run_dir, label, te_x, te_y, probs, names)
             continue
         if key not in cache:
-            tr = extract_features(enc, train_ds, pre, progress, desc=f"{label} train")
-            te = extract_features(enc, test_ds, pre, progress, desc=f"{label} {split}")
+            tr = extract_features(enc, kind_train_ds, pre, progress, desc=f"{label} train")
+            te = extract_features(enc, kind_test_ds, pre, progress, desc=f"{label} {split}")
             cache[key] = (tr, te)
         (tr_x, tr_y), (te_x, te_y) = cache[key]
         np.savez_compressed(run_dir / f"features_{branch}_{kind}.npz", train_x=tr_x, train_y=tr_y,

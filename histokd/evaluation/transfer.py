@@ -107,7 +107,7 @@ def _branch_input(meta: dict, branch: str):
     r, size = meta.get("downsample"), meta.get("input_size")
     down = bool(r) and (size is None or r < size)
     views = meta.get("views")
-    if views == "mask" and branch == "a":
+    if (views == "mask" and branch == "a") or (views == "mask_symmetric" and branch in ("a", "b")):
         return "mask", None
     if branch in ("a", "image") and down:
         return "downsampled", r

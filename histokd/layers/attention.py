@@ -23,8 +23,61 @@ def dense_initializer():
 
 
 def gelu_exact(x):
-    """GELU with the exact erf form (the ``nn.GELU()`` default of the reference models)."""
-    return ops.gelu(x, approximate=False)
+    """GELU with the exact erf form (the ``nn.GELU()`` default of the reference models).
+
+    Written as ``x · ((erf(x/√2) + 1) · ½)``: the same function as
+    ``ops.gelu(x, approximate=False)``, in the op order TensorFlow's oneDNN graph
+    rewriter recognises, so that ``MatMul → BiasAdd → GELU`` runs as one fused kernel
+    in inference graphs (see :func:`linear`).
+    """
+    return ((ops.erf(x * _SQRT_HALF) + 1.0) * 0.5) * x
+
+
+_SQRT_HALF = 0.7071067811865476
+
+
+def bias_add(x, bias):
+    """``x + bias`` over the last axis; a ``BiasAdd`` op under TensorFlow.
+
+    TensorFlow's graph optimiser fuses ``MatMul`` + ``BiasAdd`` (+ GELU) into one
+    oneDNN kernel but only recognises a real ``BiasAdd`` node for the GELU fusion;
+    other backends get a plain broadcast add.
+    """
+    bias = ops.cast(bias, x.dtype)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.nn.bias_add(x, bias)
+    return ops.add(x, bias)
+
+
+def linear(x, dense, activation=None):
+    """Apply a built ``keras.layers.Dense`` (no activation) to ``x`` flattened to 2-D rows.
+
+    One ``[rows, in] @ [in, out]`` matrix product + bias (+ optional activation) on a
+    2-D tensor, which the TensorFlow CPU backend runs as a single fused oneDNN matmul;
+    ``keras.layers.Dense`` on a 3-/4-D tensor reshapes around the product instead and
+    leaves the bias add (and GELU) as separate passes over memory. The weights stay
+    the Dense layer's own, so names, checkpoints and converters are unchanged.
+
+    Args:
+        x: tensor ``[..., in]``.
+        dense: keras.layers.Dense. Built layer whose ``kernel``/``bias`` are used.
+        activation: callable or None. Applied after the bias.
+
+    Returns:
+        Tensor ``[..., out]`` (same leading shape as ``x``).
+    """
+    lead = ops.shape(x)[:-1]
+    flat = ops.reshape(x, (-1, x.shape[-1]))
+    y = ops.matmul(flat, ops.cast(dense.kernel, x.dtype))
+    if dense.bias is not None:
+        y = bias_add(y, dense.bias)
+    if activation is not None:
+        y = activation(y)
+    if len(x.shape) == 2:
+        return y
+    return ops.reshape(y, tuple(lead) + (dense.units,))
 
 
 @keras.saving.register_keras_serializable(package="histokd")
@@ -133,7 +186,7 @@ class MLP(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        return self.fc2(gelu_exact(self.fc1(x)))
+        return linear(linear(x, self.fc1, gelu_exact), self.fc2)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.out_dim or input_shape[-1],)
@@ -183,16 +236,18 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def call(self, x, attention_bias=None):
         n = ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (-1, n, 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(linear(x, self.qkv), (-1, n, 3, self.num_heads, self.head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # 3, B, heads, N, head_dim
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # unstack, not qkv[0] / qkv[1] / qkv[2]: the gradient of a strided slice writes a
+        # zero-filled copy of the whole qkv tensor per slice, that of unstack one stack
+        q, k, v = ops.unstack(qkv, 3, axis=0)
         q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
         if attention_bias is not None:
             scores = scores + ops.cast(attention_bias, scores.dtype)
         attn = ops.softmax(scores, axis=-1)
         out = ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3))
-        return self.proj(ops.reshape(out, (-1, n, self.dim)))
+        return linear(ops.reshape(out, (-1, n, self.dim)), self.proj)
 
     def compute_output_shape(self, input_shape):
         return input_shape

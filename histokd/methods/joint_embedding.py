@@ -126,7 +126,7 @@ class JointEmbedding(keras.Model):
 
     def _step(self, data, training):
         x, y, _ = unpack(data)
-        if self.view_maker is not None and not isinstance(x, dict):
+        if self.view_maker is not None and not (isinstance(x, dict) and "view_a" in x):
             # augment_on: device — views are made inside the step, on the accelerator
             x, _ = self.view_maker(x, y)
         out = self(x, training=training)
