@@ -31,6 +31,16 @@ shows the median images/s over ``--rounds`` rounds and the median of the per-rou
 ratios histokd / torch (target: >= 1.2). Other jobs may share the CPU: the load average
 is printed before and after.
 
+On a shared, oversubscribed CPU, PyTorch's OpenMP pool with 2 threads slows down far more
+than TensorFlow's thread pools (it can fall below its own 1-thread speed), which inflates the
+ratio; for a per-core comparison that load hits alike, run both sides single-threaded::
+
+    python scripts/bench_backbones.py --torch-threads 1 --intra 1 --inter 1 --torch-in-process
+
+XLA (``--xla``, ``jit_compile=True``) was measured on this 2-core Xeon: about even for
+Swin V2 forward, slower for the Swin V2 training step, ~10 % faster for ViT, with minutes of
+compilation; the models keep ``jit_compile=False``.
+
 Usage::
 
     python scripts/bench_backbones.py                       # both models, both modes

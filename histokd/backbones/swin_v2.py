@@ -33,7 +33,7 @@ from keras import ops
 from histokd.backbones.base import Backbone
 from histokd.backbones.vit import _pair, build_preset, input_layer, normalization_layer
 from histokd.errors import ConfigError
-from histokd.layers.attention import DropPath, MLP, bias_add, dense_initializer, linear
+from histokd.layers.attention import DropPath, LayerNorm, MLP, bias_add, dense_initializer, linear
 from histokd.registry import BACKBONES
 
 _MASK_VALUE = -100.0  # the reference implementation's value for cross-region pairs
@@ -132,7 +132,7 @@ class SwinV2PatchEmbed(keras.layers.Layer):
         self.layer_norm_eps = float(layer_norm_eps)
         self.proj = keras.layers.Conv2D(self.embed_dim, self.patch_size, strides=self.patch_size,
                                         padding="valid", name="proj")
-        self.norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm")
+        self.norm = LayerNorm(epsilon=self.layer_norm_eps, name="norm")
 
     def build(self, input_shape):
         self.proj.build(input_shape)
@@ -185,7 +185,7 @@ class SwinV2PatchMerging(keras.layers.Layer):
         c = int(input_shape[-1])
         self.reduction = keras.layers.Dense(2 * c, use_bias=False, kernel_initializer=dense_initializer(),
                                             name="reduction")
-        self.norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm")
+        self.norm = LayerNorm(epsilon=self.layer_norm_eps, name="norm")
         self.reduction.build(tuple(input_shape[:-1]) + (4 * c,))
         self.norm.build(tuple(input_shape[:-1]) + (2 * c,))
         self.built = True
@@ -353,8 +353,8 @@ class SwinV2Block(keras.layers.Layer):
         self.input_resolution = None if input_resolution is None else _pair(input_resolution, "input_resolution")
         self.attn = SwinV2WindowAttention(self.num_heads, self.window_size, self.pretrained_window_size,
                                           self.qkv_bias, name="attn")
-        self.norm1 = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm1")
-        self.norm2 = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm2")
+        self.norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1")
+        self.norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2")
         self.mlp = None
         self.drop = DropPath(self.drop_path, name="drop_path")
         self._masks = {}
@@ -591,7 +591,7 @@ class SwinV2Backbone(Backbone):
             start += depth
             if i < len(depths) - 1:
                 x = SwinV2PatchMerging(layer_norm_eps, name=f"merge_{i + 1}")(x)
-        x = keras.layers.LayerNormalization(epsilon=float(layer_norm_eps), name="norm")(x)
+        x = LayerNorm(epsilon=float(layer_norm_eps), name="norm")(x)
         pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
         super().__init__(image, pooled, stage_names=names, arch=arch, **kwargs)
 

@@ -23,7 +23,7 @@ from keras import ops
 
 from histokd.backbones.base import Backbone, ImageNormalization
 from histokd.errors import ConfigError
-from histokd.layers.attention import DropPath, LayerScale, MLP, MultiHeadSelfAttention
+from histokd.layers.attention import DropPath, LayerNorm, LayerScale, MLP, MultiHeadSelfAttention
 from histokd.registry import BACKBONES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -242,9 +242,9 @@ class ViTBlock(keras.layers.Layer):
         self.layer_norm_eps = float(layer_norm_eps)
         self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
         self.drop_path = float(drop_path)
-        self.norm1 = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm1")
+        self.norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1")
         self.attn = MultiHeadSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, name="attn")
-        self.norm2 = keras.layers.LayerNormalization(epsilon=self.layer_norm_eps, name="norm2")
+        self.norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2")
         self.mlp = None
         if self.layer_scale_init is not None:
             self.ls1 = LayerScale(self.layer_scale_init, name="ls1")
@@ -432,7 +432,7 @@ class ViTBackbone(Backbone):
             names.append(f"block_{i + 1}")
             x = ViTBlock(num_heads, mlp_ratio, qkv_bias, layer_norm_eps, layer_scale_init,
                          rates[i], name=names[-1])(x)
-        x = keras.layers.LayerNormalization(epsilon=float(layer_norm_eps), name="norm")(x)
+        x = LayerNorm(epsilon=float(layer_norm_eps), name="norm")(x)
         pooled = TokenPooling(pooling, name="pool")(x)
         super().__init__(image, pooled, stage_names=names, arch=arch, **kwargs)
 

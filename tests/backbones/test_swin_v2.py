@@ -201,3 +201,15 @@ def test_parity_after_moving_to_a_larger_window():
                           pretrained_window_size=4, drop_path_rate=0.0, normalization="none")
     load_pretrained(ours, {k: v.numpy() for k, v in state.items()})
     _compare(torch, bigger, ours, (64, 64))
+
+
+def test_patch_merging_concatenates_2x2_neighbourhoods_in_reference_order():
+    from histokd.backbones.swin_v2 import SwinV2PatchMerging
+
+    x = np.random.default_rng(5).standard_normal((2, 6, 10, 4)).astype("float32")
+    merge = SwinV2PatchMerging()
+    merge.build(x.shape)
+    cat = np.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+    red = cat @ ops.convert_to_numpy(merge.reduction.kernel)
+    ref = (red - red.mean(-1, keepdims=True)) / np.sqrt(red.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(merge(x)), ref, rtol=1e-4, atol=1e-4)

@@ -169,3 +169,64 @@ def test_parity_with_transformers_vit_at_several_sizes():
             r = ref.hidden_states[i + 1].numpy()
             e = np.abs(ops.convert_to_numpy(out[f"block_{i + 1}"]) - r).max() / np.abs(r).max()
             assert e <= 1e-4, (size, i, e)
+
+
+# ------------------------------------------------------------------------------------------
+# the fast building blocks compute the textbook functions (values and gradients)
+# ------------------------------------------------------------------------------------------
+def test_layer_norm_matches_keras_layer_normalization_and_its_gradient():
+    import keras
+
+    from histokd.layers.attention import LayerNorm
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(2.0, 3.0, (2, 5, 16)).astype("float32"))
+    ours, ref = LayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    for layer in (ours, ref):
+        layer.gamma.assign(rng.uniform(0.5, 1.5, 16).astype("float32"))
+        layer.beta.assign(rng.normal(0.0, 0.1, 16).astype("float32"))
+    ref.gamma.assign(ours.gamma)
+    ref.beta.assign(ours.beta)
+    w = tf.constant(rng.standard_normal((2, 5, 16)).astype("float32"))
+    grads = []
+    for layer in (ours, ref):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * w)
+        grads.append((y, *tape.gradient(loss, [x, layer.gamma, layer.beta])))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), rtol=1e-4, atol=1e-5)
+    clone = LayerNorm.from_config(ours.get_config())
+    assert isinstance(clone, LayerNorm) and clone.epsilon == 1e-6
+
+
+def test_mlp_and_attention_match_reference_formulas():
+    import math
+
+    from histokd.layers.attention import MLP, MultiHeadSelfAttention
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 7, 12)).astype("float32")
+    mlp = MLP(20)
+    mlp.build(x.shape)
+    for v in (mlp.fc1.bias, mlp.fc2.bias):
+        v.assign(rng.normal(0.0, 0.3, v.shape).astype("float32"))
+    h = x @ ops.convert_to_numpy(mlp.fc1.kernel) + ops.convert_to_numpy(mlp.fc1.bias)
+    h = ops.convert_to_numpy(ops.gelu(h, approximate=False))
+    ref = h @ ops.convert_to_numpy(mlp.fc2.kernel) + ops.convert_to_numpy(mlp.fc2.bias)
+    np.testing.assert_allclose(ops.convert_to_numpy(mlp(x)), ref, rtol=1e-5, atol=1e-5)
+
+    attn = MultiHeadSelfAttention(3)  # head_dim 4: the query scale 1/2 is folded into the weights
+    attn.build(x.shape)
+    attn.qkv.bias.assign(rng.normal(0.0, 0.3, 36).astype("float32"))
+    qkv = x @ ops.convert_to_numpy(attn.qkv.kernel) + ops.convert_to_numpy(attn.qkv.bias)
+    q, k, v = (qkv[..., i * 12:(i + 1) * 12].reshape(2, 7, 3, 4).transpose(0, 2, 1, 3) for i in range(3))
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(4)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = (p @ v).transpose(0, 2, 1, 3).reshape(2, 7, 12)
+    ref = out @ ops.convert_to_numpy(attn.proj.kernel) + ops.convert_to_numpy(attn.proj.bias)
+    np.testing.assert_allclose(ops.convert_to_numpy(attn(x)), ref, rtol=1e-5, atol=1e-5)
