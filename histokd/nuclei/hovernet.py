@@ -55,16 +55,53 @@ ENCODER_GROUPS = (
 )
 
 
+_NATIVE_GROUPED_CONV = None
+
+
+def native_grouped_conv_available() -> bool:
+    """Whether ``tf.nn.conv2d`` runs grouped convolutions here (checked once, eagerly).
+
+    True with TensorFlow's oneDNN CPU kernels (the default on x86) and on GPUs; False
+    on other Keras backends and on TensorFlow CPU builds without oneDNN, whose Eigen
+    kernels reject a kernel with fewer input channels than the input.
+    """
+    global _NATIVE_GROUPED_CONV
+    if _NATIVE_GROUPED_CONV is None:
+        if keras.backend.backend() != "tensorflow":
+            _NATIVE_GROUPED_CONV = False
+        else:
+            import tensorflow as tf
+
+            with tf.init_scope():  # eager even when first called while tracing
+                try:
+                    x = tf.reshape(tf.range(36, dtype=tf.float32), [1, 3, 3, 4])
+                    w = tf.ones([2, 2, 2, 2], tf.float32)
+                    y = tf.nn.conv2d(x, w, strides=1, padding="VALID").numpy()
+                    # groups of 2 channels: output 0 sums input channels 0-1 only
+                    ok = y.shape == (1, 2, 2, 2) and float(y[0, 0, 0, 0]) == float(
+                        x.numpy()[0, :2, :2, :2].sum())
+                except Exception:  # noqa: BLE001 - any failure means "not available"
+                    ok = False
+            _NATIVE_GROUPED_CONV = bool(ok)
+    return _NATIVE_GROUPED_CONV
+
+
 @keras.saving.register_keras_serializable(package="histokd")
 class GroupedConv2D(layers.Conv2D):
     """A grouped 2-D convolution that runs on any CPU build of TensorFlow.
 
     The kernel is stored exactly like Keras' grouped ``Conv2D`` (``[kh, kw,
     in_channels / groups, filters]``, groups in channel order, the same order as
-    PyTorch's ``groups=``), but the convolution is computed with one dense kernel
-    made block-diagonal by a constant mask. TensorFlow's CPU kernels do not
-    implement grouped convolution (Keras falls back to XLA for it); the dense
-    form is one oneDNN call and differentiates like any convolution.
+    PyTorch's ``groups=``). On TensorFlow it calls ``tf.nn.conv2d`` with that
+    kernel directly, which oneDNN (on by default in x86 CPU builds) and cuDNN run as
+    a grouped convolution — Keras' own ``ops.conv`` sends grouped convolutions on
+    CPU to XLA instead. Measured here on a HoVer-Net dense-unit convolution (5×5,
+    128 → 32, groups 4, 4×40×40): 2.8 ms native vs 5.4 ms for the dense form below.
+    Where the native kernel is missing (TensorFlow's Eigen CPU kernels, i.e.
+    ``TF_ENABLE_ONEDNN_OPTS=0``; other backends), detected once by a tiny eager
+    probe, it falls back to one dense convolution whose kernel is made
+    block-diagonal by a constant mask: the same result with ``groups`` times the
+    multiply-adds.
 
     Used in HoVer-Net's dense units (Graham et al., 2019, HoVer-Net §3.1; the
     official ``DenseBlock`` with ``split=4``).
@@ -91,6 +128,17 @@ class GroupedConv2D(layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if self.groups == 1:
             return super().convolution_op(inputs, kernel)
+        if native_grouped_conv_available():
+            import tensorflow as tf
+
+            return tf.nn.conv2d(
+                inputs,
+                ops.cast(kernel, inputs.dtype),
+                strides=list(self.strides),
+                padding=self.padding.upper(),
+                dilations=list(self.dilation_rate),
+                data_format="NHWC" if self.data_format == "channels_last" else "NCHW",
+            )
         dense = ops.tile(kernel, [1, 1, self.groups, 1]) * ops.cast(self._block_mask, kernel.dtype)
         return ops.conv(
             inputs,

@@ -18,7 +18,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import assert_config_roundtrip, assert_saved_model_roundtrip  # noqa: E402
 
 
-def test_grouped_conv_matches_per_group_convolutions():
+@pytest.fixture(params=["native", "dense"])
+def grouped_path(request, monkeypatch):
+    """Runs a test with the native grouped kernel (skipped where missing) and with the dense fallback."""
+    import histokd.nuclei.hovernet as hn
+
+    if request.param == "native":
+        if not hn.native_grouped_conv_available():
+            pytest.skip("this TensorFlow build has no native grouped CPU convolution")
+    else:
+        monkeypatch.setattr(hn, "native_grouped_conv_available", lambda: False)
+    return request.param
+
+
+def test_grouped_conv_matches_per_group_convolutions(grouped_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 9, 16)).astype("float32")
     conv = GroupedConv2D(8, 3, groups=4, use_bias=False)
@@ -36,7 +49,7 @@ def test_grouped_conv_matches_per_group_convolutions():
     assert clone.groups == 4
 
 
-def test_grouped_conv_saves_and_gets_gradients(tmp_path):
+def test_grouped_conv_saves_and_gets_gradients(tmp_path, grouped_path):
     inp = keras.Input((6, 6, 8))
     model = keras.Model(inp, GroupedConv2D(4, 3, groups=2, name="g")(inp))
     x = np.random.default_rng(1).standard_normal((1, 6, 6, 8)).astype("float32")
@@ -47,6 +60,34 @@ def test_grouped_conv_saves_and_gets_gradients(tmp_path):
         loss = keras.ops.sum(model(x) ** 2)
     g = tape.gradient(loss, model.trainable_weights)[0]  # kernel (bias is [1])
     assert g.shape == (3, 3, 4, 4) and np.all(np.isfinite(g)) and np.any(g.numpy() != 0)
+
+
+def test_grouped_conv_native_and_dense_agree_with_gradients():
+    """The native grouped kernel and the block-diagonal dense fallback: same outputs and gradients."""
+    import tensorflow as tf
+
+    import histokd.nuclei.hovernet as hn
+
+    if not hn.native_grouped_conv_available():
+        pytest.skip("this TensorFlow build has no native grouped CPU convolution")
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.standard_normal((2, 12, 12, 128)).astype("float32"))
+    conv = GroupedConv2D(32, 5, groups=4, use_bias=False)  # a HoVer-Net dense-unit convolution
+    conv.build(x.shape)
+    results = []
+    for native in (True, False):
+        hn._NATIVE_GROUPED_CONV = native
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = conv(x)
+                loss = tf.reduce_sum(y * y)
+            gx, gk = tape.gradient(loss, [x, conv.kernel])
+        finally:
+            hn._NATIVE_GROUPED_CONV = None
+        results.append((y.numpy(), gx.numpy(), gk.numpy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("mode,size,out", [("fast", 256, 164), ("fast", 104, 12), ("original", 270, 80),
