@@ -36,13 +36,15 @@ Speed. ``macenko_transform`` runs the batch in chunks of 8 tiles
 (``tf.map_fn``, two chunks in flight; padded, so a tile's output does not
 depend on its batch): the chunk's intermediates stay in cache and the two
 cores work on different chunks instead of synchronising on every op of one
-huge batch. Same CPU time per tile (~4.1 ms), 1.5x the wall-clock rate of the
-unchunked graph in the same run (``scripts/bench_stain.py``, 256 Kather tiles
-224x224, 2 cores shared with other jobs, load 3.3-4.8: 244 vs 159 tiles/s;
-floor pass 887 tiles/s, i.e. 3.6x faster than us; macenko-pca 85, torchstain
-numpy 28, torch 20, tensorflow 18 tiles/s in that run). The issue's target
-(>= 1,000 tiles/s, >= 5x the fastest peer) is NOT reached: the remaining cost
-is CPU work, ~1/3 in the four exact selections (phi low/high tails, maxC of H
+huge batch. ``scripts/bench_stain.py`` (256 Kather tiles 224x224, 2 cores,
+medians of 5 runs) on a quiet machine: 519 tiles/s chunked, 545 unchunked,
+417 inside ``Dataset.map``; floor pass 2,668; torchstain torch 219, numpy 134,
+tensorflow 24, macenko-pca 138 tiles/s, i.e. 2.4x the fastest peer. With the
+cores shared by other jobs (load 3.3-4.8) chunking is what keeps the rate up:
+244 vs 159 tiles/s unchunked (peers: macenko-pca 85, torchstain numpy 28,
+torch 20). The issue's target (>= 1,000 tiles/s, >= 5x the fastest peer) is
+NOT reached: the remaining cost is
+CPU work, ~1/3 in the four exact selections (phi low/high tails, maxC of H
 and E; ``top_k`` after a group-maximum prefilter) and the rest in ~20
 elementwise passes and four batched 3-wide matmuls. Measured and rejected
 (on CPU time, same run): OD and recolouring through 256-entry lookup tables
