@@ -218,7 +218,13 @@ def _cmd_report(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="histokd", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="histokd",
+        description="Self-supervised learning and knowledge distillation for histopathology "
+                    "(More From Less; Swin V2 + MoBY pre-training + layer-wise distillation) on Keras 3.",
+        epilog="Start with `histokd train` (the demo config) or `histokd configs`; "
+               "`histokd COMMAND --help` for each command.",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="cmd", required=True)
 
