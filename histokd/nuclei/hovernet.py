@@ -61,9 +61,9 @@ _NATIVE_GROUPED_CONV = None
 def native_grouped_conv_available() -> bool:
     """Whether ``tf.nn.conv2d`` runs grouped convolutions here (checked once, eagerly).
 
-    True with TensorFlow's oneDNN CPU kernels (the default on x86) and on GPUs; False
-    on other Keras backends and on TensorFlow CPU builds without oneDNN, whose Eigen
-    kernels reject a kernel with fewer input channels than the input.
+    True on TensorFlow builds whose kernels accept a kernel with fewer input channels
+    than the input and compute the grouped result (CPU oneDNN and Eigen in 2.21, cuDNN);
+    False on other Keras backends and wherever the probe fails or computes otherwise.
     """
     global _NATIVE_GROUPED_CONV
     if _NATIVE_GROUPED_CONV is None:
@@ -93,15 +93,15 @@ class GroupedConv2D(layers.Conv2D):
     The kernel is stored exactly like Keras' grouped ``Conv2D`` (``[kh, kw,
     in_channels / groups, filters]``, groups in channel order, the same order as
     PyTorch's ``groups=``). On TensorFlow it calls ``tf.nn.conv2d`` with that
-    kernel directly, which oneDNN (on by default in x86 CPU builds) and cuDNN run as
-    a grouped convolution — Keras' own ``ops.conv`` sends grouped convolutions on
-    CPU to XLA instead. Measured here on a HoVer-Net dense-unit convolution (5×5,
-    128 → 32, groups 4, 4×40×40): 2.8 ms native vs 5.4 ms for the dense form below.
-    Where the native kernel is missing (TensorFlow's Eigen CPU kernels, i.e.
-    ``TF_ENABLE_ONEDNN_OPTS=0``; other backends), detected once by a tiny eager
-    probe, it falls back to one dense convolution whose kernel is made
-    block-diagonal by a constant mask: the same result with ``groups`` times the
-    multiply-adds.
+    kernel directly, which runs as a grouped convolution on CPU (oneDNN, and the
+    Eigen kernels with ``TF_ENABLE_ONEDNN_OPTS=0``; checked on TensorFlow 2.21) and
+    on cuDNN — Keras' own ``ops.conv`` sends grouped convolutions on CPU to XLA
+    instead. Measured here on a HoVer-Net dense-unit convolution (5×5, 128 → 32,
+    groups 4, 4×40×40): 2.8 ms native vs 5.4 ms for the dense form below. Where
+    the native kernel is missing or wrong (other backends, older builds), which a
+    tiny eager probe detects once, it falls back to one dense convolution whose
+    kernel is made block-diagonal by a constant mask: the same result with
+    ``groups`` times the multiply-adds.
 
     Used in HoVer-Net's dense units (Graham et al., 2019, HoVer-Net §3.1; the
     official ``DenseBlock`` with ``split=4``).
