@@ -97,3 +97,25 @@ def test_exponent_without_dot_is_a_number():
     assert cfg.train.lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match="train.lr must be a number"):
         load_config("default", ["train.lr=fast"])
+
+
+def test_augment_schema_matches_runtime_config():
+    """The YAML schema (config.AugmentConfig, lists) and the runtime augmentation config
+    (data.augment.AugmentConfig, frozen, tuples) are two classes; they must name the same
+    keys with the same defaults, so a YAML file means what the pipeline does."""
+    import dataclasses
+
+    from histokd import config as C
+    from histokd.data import augment as A
+
+    schema = C.AugmentConfig()
+    runtime = A.AugmentConfig()
+    schema_fields = [f.name for f in dataclasses.fields(C.AugmentConfig)]
+    assert schema_fields == [f.name for f in dataclasses.fields(A.AugmentConfig)]
+    for name in schema_fields:
+        want, got = getattr(runtime, name), getattr(schema, name)
+        if isinstance(want, tuple):
+            got = tuple(got)
+        assert got == want, f"augment.{name}: schema default {got!r} != runtime default {want!r}"
+    # and the schema's dict is accepted as is by the runtime config
+    assert A.AugmentConfig.from_dict(dataclasses.asdict(schema)) == runtime
