@@ -178,7 +178,7 @@ def _cmd_masks(args):
         raise HistokdError("histokd masks needs --weights PATH (HoVer-Net checkpoint, CC BY-NC-SA, not "
                            "bundled) or --method classical (no weights, no nucleus types)")
     summary = build_mask_dataset(args.src, args.dst, weights=args.weights, method=method, mpp=args.mpp,
-                                 batch_size=args.batch, precision=args.precision)
+                                 batch_size=args.batch)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -284,9 +284,6 @@ def build_parser():
     m.add_argument("--method", choices=["hovernet", "classical"], default=None)
     m.add_argument("--mpp", type=float, default=None, help="microns per pixel of the input")
     m.add_argument("--batch", type=int, default=8)
-    m.add_argument("--precision", choices=["float32", "mixed_bfloat16"], default="float32",
-                   help="HoVer-Net forward pass precision (mixed_bfloat16: ~1.8x faster on CPUs with "
-                        "AVX512-BF16, small numerical differences)")
     m.set_defaults(fn=_cmd_masks)
 
     h = sub.add_parser("hovernet-train", help="fine-tune HoVer-Net on image + instance-mask pairs")

@@ -12,9 +12,6 @@ on a shared machine hits all of them alike):
 * ``keras``        – ``histokd.nuclei.HoVerNet`` in a ``tf.function``.
 * ``keras_fused``  – the same weights with conv → BN → ReLU folded
   (``histokd.nuclei.hovernet.fuse_batchnorm``), the variant mask building uses.
-* ``keras_fused_bf16`` – the fused model built with ``precision="mixed_bfloat16"``
-  (``histokd masks --precision mixed_bfloat16``): bfloat16 activations, fast on CPUs with
-  AVX512-BF16/AMX; its max|Δ|/std column shows the price in accuracy.
 * ``keras_xla``    – (``--extra``) the fused model compiled with XLA (``jit_compile``).
 * ``postproc``     – ``histokd.nuclei.postprocess.postprocess`` of one 164×164 tile
   of real-looking maps (the post-processing fixture), reported per tile.
@@ -214,9 +211,6 @@ def main(argv=None):
     fused = fuse_batchnorm(model)
     f_fused = tf.function(lambda t: fused(t, training=False))
     variants["keras_fused"] = lambda: {k: v.numpy() for k, v in f_fused(x).items()}
-    bf16 = fuse_batchnorm(model, precision="mixed_bfloat16")
-    f_bf16 = tf.function(lambda t: {k: tf.cast(v, tf.float32) for k, v in bf16(t, training=False).items()})
-    variants["keras_fused_bf16"] = lambda: {k: v.numpy() for k, v in f_bf16(x).items()}
     checks = {}
     ref = {k: oracle["out_" + k] for k in ("np", "hv", "tp")}
 

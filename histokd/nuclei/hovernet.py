@@ -379,30 +379,16 @@ class HoVerNet(keras.Model):
         return cls(**config)
 
 
-PRECISIONS = ("float32", "mixed_bfloat16")
-
-
-def fuse_batchnorm(model: HoVerNet, input_size: Optional[int] = None,
-                   precision: str = "float32") -> HoVerNet:
+def fuse_batchnorm(model: HoVerNet, input_size: Optional[int] = None) -> HoVerNet:
     """An inference copy of ``model`` with each conv → BN → ReLU folded into one conv.
 
     ``kernel' = kernel · γ/√(σ² + ε)``, ``bias' = β − μ · γ/√(σ² + ε)``; outputs
     equal the original's (inference mode) to float rounding, with fewer passes
     over memory. Use it for mask generation, not for training.
 
-    ``precision="mixed_bfloat16"`` builds the copy under Keras' ``mixed_bfloat16``
-    policy (float32 weights, bfloat16 activations and products). On CPUs with
-    AVX512-BF16 or AMX (and on TPUs / recent GPUs) the forward pass is much faster —
-    1.8× here (0.83 vs 0.46 tiles/s, fast/6, batch 4 of 256²) — at the cost of
-    bfloat16 rounding: on the parity fixture's random weights the NP/HV/TP outputs
-    differ from float32 by up to ~6 % of their standard deviation, so a few pixels
-    near the 0.5 NP threshold or a watershed ridge can change. The default stays
-    float32 (the official network's numbers).
-
     Args:
         model: HoVerNet (unfused) holding the weights.
         input_size: int or None. Window of the copy (default: the model's).
-        precision: ``"float32"`` or ``"mixed_bfloat16"``.
 
     Returns:
         HoVerNet with ``fused=True``.
@@ -410,19 +396,10 @@ def fuse_batchnorm(model: HoVerNet, input_size: Optional[int] = None,
     Example:
         >>> fast = fuse_batchnorm(HoVerNet("fast", 6))
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
-    if getattr(model, "fused", False) and precision == "float32":
-        return model
     if getattr(model, "fused", False):
-        raise ConfigError("fuse_batchnorm(precision=...) needs the unfused model (it holds the BN statistics)")
-    old_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
-        fused = HoVerNet(model.mode, model.num_types, input_size or model.input_size, fused=True,
-                         name=f"{model.name}_fused")
-    finally:
-        keras.config.set_dtype_policy(old_policy)
+        return model
+    fused = HoVerNet(model.mode, model.num_types, input_size or model.input_size, fused=True,
+                     name=f"{model.name}_fused")
     for layer in fused.layers:
         if not layer.weights:
             continue
@@ -498,8 +475,8 @@ def _compiled_forward(model):
         import tensorflow as tf
 
         @tf.function(reduce_retracing=True)
-        def fn(x):  # float32 maps whatever the model's compute dtype (mixed_bfloat16)
-            return {k: tf.cast(v, tf.float32) for k, v in model(x, training=False).items()}
+        def fn(x):
+            return model(x, training=False)
 
         _FORWARD_CACHE[model] = fn
     return fn

@@ -178,7 +178,7 @@ class _HoVerNetSegmenter(_Segmenter):
         return results
 
 
-def _make_segmenter(method, weights, mpp, batch_size, precision="float32") -> _Segmenter:
+def _make_segmenter(method, weights, mpp, batch_size) -> _Segmenter:
     if method == "classical":
         return _ClassicalSegmenter(mpp)
     if method != "hovernet":
@@ -196,9 +196,7 @@ def _make_segmenter(method, weights, mpp, batch_size, precision="float32") -> _S
     if hasattr(model, "fused"):  # a HoVerNet: fold BN for faster inference (same outputs)
         from histokd.nuclei.hovernet import fuse_batchnorm
 
-        model = fuse_batchnorm(model, precision=precision)
-    elif precision != "float32":
-        raise ConfigError(f"precision={precision!r} needs a HoVerNet model (weights), not {type(model).__name__}")
+        model = fuse_batchnorm(model)
     return _HoVerNetSegmenter(model, mpp, batch_size)
 
 
@@ -277,8 +275,7 @@ def _committed_shards(dst: Path):
 
 def build_mask_dataset(src, dst, weights=None, method: str = "hovernet", mpp: Optional[float] = None,
                        batch_size: int = 4, progress: bool = True, shard_size: int = 64,
-                       mask_scale: int = 1, on_bad_image: str = "error",
-                       precision: str = "float32") -> Dict[str, object]:
+                       mask_scale: int = 1, on_bad_image: str = "error") -> Dict[str, object]:
     """Segment every image under ``src`` and write paired image/mask TFRecords + a counts CSV.
 
     The More From Less tissue/nuclei distillation data (§2.1, Table 2): for each
@@ -307,10 +304,6 @@ def build_mask_dataset(src, dst, weights=None, method: str = "hovernet", mpp: Op
         shard_size: int. Images per TFRecord shard (the unit of resumption).
         mask_scale: int. Multiplier of the type ids in ``mask_png`` (1 = paper).
         on_bad_image: ``"error"`` or ``"skip"`` (skips are counted in the summary).
-        precision: ``"float32"`` (default) or ``"mixed_bfloat16"``: HoVer-Net's forward
-            pass in bfloat16 (~1.8× faster on CPUs with AVX512-BF16; see
-            :func:`histokd.nuclei.hovernet.fuse_batchnorm` for the accuracy cost).
-            Ignored by ``method="classical"``.
 
     Returns:
         dict summary: ``written``, ``skipped_existing``, ``bad_images``, ``shards``,
@@ -325,8 +318,6 @@ def build_mask_dataset(src, dst, weights=None, method: str = "hovernet", mpp: Op
 
     if on_bad_image not in ("error", "skip"):
         raise ConfigError(f"on_bad_image={on_bad_image!r}; use 'error' or 'skip'")
-    if precision not in ("float32", "mixed_bfloat16"):
-        raise ConfigError(f"precision={precision!r}; use 'float32' or 'mixed_bfloat16'")
     if int(shard_size) < 1 or int(batch_size) < 1:
         raise ConfigError("shard_size and batch_size must be ≥ 1")
     src = Path(src)
@@ -337,23 +328,18 @@ def build_mask_dataset(src, dst, weights=None, method: str = "hovernet", mpp: Op
     info_path = dst / INFO_JSON
     if info_path.exists():
         old = json.loads(info_path.read_text())
-        old_precision = old.get("precision", "float32")
-        if (old.get("method") != method or old.get("mask_scale") != int(mask_scale) or old.get("mpp") != mpp
-                or (method == "hovernet" and old_precision != precision)):
+        if old.get("method") != method or old.get("mask_scale") != int(mask_scale) or old.get("mpp") != mpp:
             raise ConfigError(f"{dst} already holds a mask dataset made with method={old.get('method')!r}, "
-                              f"mpp={old.get('mpp')}, mask_scale={old.get('mask_scale')}, "
-                              f"precision={old_precision!r}; use a new destination or the same settings "
-                              "to resume")
+                              f"mpp={old.get('mpp')}, mask_scale={old.get('mask_scale')}; use a new "
+                              "destination or the same settings to resume")
 
-    segmenter = _make_segmenter(method, weights, mpp, batch_size,
-                                precision if method == "hovernet" else "float32")
+    segmenter = _make_segmenter(method, weights, mpp, batch_size)
     num_types = len(segmenter.type_names)
     tissues = sorted({p.parent.name for p in files if p.parent != root})
     tissue_index = {t: i for i, t in enumerate(tissues)}
     header = ["path", "tissue", "tissue_label", "label", "label_name", "num_nuclei"] + [
         f"count_{n}" for n in segmenter.type_names]
     info = {"method": method, "mpp": mpp, "model_mpp": 0.25, "mask_scale": int(mask_scale),
-            "precision": precision if method == "hovernet" else "float32",
             "type_names": list(segmenter.type_names), "palette": segmenter.palette.tolist(),
             "tissue_names": tissues, "features": list(FEATURES), "num_types": num_types,
             "weights": None if weights is None or not isinstance(weights, (str, os.PathLike))
@@ -436,10 +422,10 @@ def build_mask_dataset(src, dst, weights=None, method: str = "hovernet", mpp: Op
 
 
 def masks_command(src, dst, weights=None, method: str = "hovernet", mpp: Optional[float] = None,
-                  batch_size: int = 4, progress: bool = True, precision: str = "float32") -> Dict[str, object]:
-    """Entry point of ``histokd masks SRC DST --weights PATH [--method classical] [--mpp X] [--precision P]``."""
+                  batch_size: int = 4, progress: bool = True) -> Dict[str, object]:
+    """Entry point of ``histokd masks SRC DST --weights PATH [--method classical] [--mpp X]``."""
     return build_mask_dataset(src, dst, weights=weights, method=method, mpp=mpp,
-                              batch_size=batch_size, progress=progress, precision=precision)
+                              batch_size=batch_size, progress=progress)
 
 
 # ------------------------------------------------------------------ reading the pairs

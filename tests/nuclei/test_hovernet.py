@@ -177,28 +177,3 @@ def test_small_window_roundtrip_fuse_and_predict_maps(tmp_path):
     np.testing.assert_allclose(maps["hv"], np.asarray(raw["hv"]), atol=1e-4 * max(scale, 1.0))
     want_np = np.asarray(keras.ops.softmax(raw["np"], -1))[..., 1]
     np.testing.assert_allclose(maps["np"], want_np, atol=1e-4)
-
-
-def test_mixed_bfloat16_inference_copy():
-    """fuse_batchnorm(precision="mixed_bfloat16"): bfloat16 compute, float32 weights and maps,
-    close to the float32 copy, and the global dtype policy is left as it was."""
-    import keras as K
-
-    from histokd.errors import ConfigError
-
-    model = HoVerNet("fast", 3, input_size=104)
-    x = np.random.default_rng(3).integers(0, 256, (2, 104, 104, 3), dtype=np.uint8)
-    f32 = fuse_batchnorm(model)
-    bf16 = fuse_batchnorm(model, precision="mixed_bfloat16")
-    assert K.config.dtype_policy().name == "float32"
-    conv = bf16.get_layer("conv0_conv")
-    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
-    a, b = predict_maps(f32, x), predict_maps(bf16, x)
-    for k in ("np", "hv", "tp"):
-        assert b[k].dtype == np.float32 and b[k].shape == a[k].shape
-        scale = max(float(a[k].std()), 1e-3)
-        assert float(np.abs(a[k] - b[k]).max()) / scale < 0.25, k  # bfloat16 rounding, not a different net
-    with pytest.raises(ConfigError, match="precision 'float16' is unknown"):
-        fuse_batchnorm(model, precision="float16")
-    with pytest.raises(ConfigError, match="unfused model"):
-        fuse_batchnorm(f32, precision="mixed_bfloat16")

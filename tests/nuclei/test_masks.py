@@ -141,10 +141,5 @@ def test_builder_errors(folder, tmp_path):
         M.build_mask_dataset(folder, tmp_path / "o", progress=False)
     with pytest.raises(ConfigError, match="method 'x'"):
         M.build_mask_dataset(folder, tmp_path / "o2", method="x", progress=False)
-    with pytest.raises(ConfigError, match="precision='float16'"):
-        M.build_mask_dataset(folder, tmp_path / "o4", method="classical", precision="float16", progress=False)
-    with pytest.raises(ConfigError, match="needs a HoVerNet model"):
-        M.build_mask_dataset(folder, tmp_path / "o5", weights=decoder_model(), precision="mixed_bfloat16",
-                             progress=False)
     with pytest.raises(Exception, match="does not exist"):
         M.build_mask_dataset(tmp_path / "missing", tmp_path / "o3", method="classical", progress=False)
