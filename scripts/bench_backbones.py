@@ -29,7 +29,11 @@ slow the other; ``--torch-in-process`` runs both in one process.
 Each round times ``--steps`` calls per side after ``--warmup`` untimed calls; the table
 shows the median images/s over ``--rounds`` rounds and the median of the per-round paired
 ratios histokd / torch (target: >= 1.2). Other jobs may share the CPU: the load average
-is printed before and after.
+is printed before and after. The table also gives each side's arithmetic rate: the
+step's float operations per image (TensorFlow profiler on the traced histokd graph;
+the transformers model computes the same function) times images/s, as GFLOP/s and as
+a share of this machine's float32 GEMM rate measured in the same run
+(``scripts/_roofline.py``).
 
 On a shared, oversubscribed CPU, PyTorch's OpenMP pool with 2 threads slows down far more
 than TensorFlow's thread pools (it can fall below its own 1-thread speed), which inflates the
@@ -294,6 +298,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch_side = TorchSide(args.torch_threads) if args.torch_in_process else TorchProxy(args.torch_threads)
     tf = _tf_setup(args)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _roofline import format_rate, gemm_rate, graph_flops
+
     print(f"cpu: {os.cpu_count()} logical cores; {load_average()} (start)")
     print(_tf_info(tf))
     print(torch_side.info() + ("" if args.torch_in_process else "; in its own process"))
@@ -308,6 +315,9 @@ def main(argv=None):
             err = float(np.abs(ours.pooled() - ref).max() / np.abs(ref).max())
             print(f"{name}: {ours.model.count_params() / 1e6:.1f} M params, {ours.loaded} weights copied from "
                   f"transformers (attn_implementation={attn}); pooled max rel diff {err:.2e}")
+            spec = tf.TensorSpec(ours.x.shape, ours.x.dtype)
+            flops = {m: graph_flops(ours.fns[m], spec) / args.batch for m in args.modes}
+            print("  work per image: " + ", ".join(f"{m} {v / 1e9:.2f} GFLOP" for m, v in flops.items()))
             for mode in args.modes:
                 our_modes = [mode] + ([mode + "_xla"] if args.xla else [])
                 for m in our_modes:
@@ -323,19 +333,22 @@ def main(argv=None):
                 for m in our_modes:
                     ratios = [a / b for a, b in zip(ips[m], ips["torch"])]
                     rows.append((name, m, statistics.median(ips[m]), statistics.median(ips["torch"]),
-                                 statistics.median(ratios), min(ratios), max(ratios)))
+                                 statistics.median(ratios), min(ratios), max(ratios), flops[mode]))
                     print("  %-12s %-12s histokd %6.2f img/s  torch %6.2f img/s  ratio %.2f (%.2f-%.2f)"
-                          % rows[-1], flush=True)
+                          % rows[-1][:7], flush=True)
             del ours
     finally:
         if not args.torch_in_process:
             torch_side.close()
     print(f"\n{load_average()} (end)")
-    print("| model | mode | histokd img/s | torch img/s | ratio (median, min-max) |")
-    print("|---|---|---:|---:|---|")
-    for name, mode, ours_ips, torch_ips, ratio, lo, hi in rows:
+    peak = gemm_rate()
+    print(f"float32 GEMM on this machine: {peak:.0f} GFLOP/s (TensorFlow, 4096², median of 5)")
+    print("| model | mode | histokd img/s | torch img/s | ratio (median, min-max) | histokd rate | torch rate |")
+    print("|---|---|---:|---:|---|---|---|")
+    for name, mode, ours_ips, torch_ips, ratio, lo, hi, fl in rows:
         flag = "" if ratio >= 1.2 else " (below 1.2)"
-        print(f"| {name} | {mode} | {ours_ips:.2f} | {torch_ips:.2f} | {ratio:.2f} ({lo:.2f}-{hi:.2f}){flag} |")
+        print(f"| {name} | {mode} | {ours_ips:.2f} | {torch_ips:.2f} | {ratio:.2f} ({lo:.2f}-{hi:.2f}){flag} | "
+              f"{format_rate(fl, ours_ips, peak)} | {format_rate(fl, torch_ips, peak)} |")
     return rows
 
 

@@ -19,7 +19,12 @@ on a shared machine hits all of them alike):
 All models hold the oracle weights of tests/fixtures/hovernet (so outputs are
 realistic and the Keras/torch outputs can be compared). The table reports the
 median (min–max) over ``--rounds`` rounds of ``--steps`` batches each and the
-per-round paired speed ratio to ``torch_cl``.
+per-round paired speed ratio to ``torch_cl``, and each variant's arithmetic rate:
+the forward graph's float operations per tile (TensorFlow profiler; the torch
+model computes the same) times tiles/s, as GFLOP/s and as a share of this
+machine's float32 GEMM rate measured in the same run (``scripts/_roofline.py``).
+The line above the table gives the tiles/s a forward pass would reach at 100 %
+of that rate.
 
 Usage::
 
@@ -192,6 +197,9 @@ def main(argv=None):
     import histokd  # noqa: F401  (sets the Keras backend)
     import tensorflow as tf
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _roofline import ceiling_line, format_rate, gemm_rate, graph_flops
+
     from histokd.nuclei.checkpoint import load_state_dict_into
     from histokd.nuclei.hovernet import HoVerNet, fuse_batchnorm
     from histokd.nuclei.postprocess import postprocess
@@ -211,6 +219,7 @@ def main(argv=None):
     fused = fuse_batchnorm(model)
     f_fused = tf.function(lambda t: fused(t, training=False))
     variants["keras_fused"] = lambda: {k: v.numpy() for k, v in f_fused(x).items()}
+    flops_tile = graph_flops(f_fused, tf.TensorSpec([args.batch, 256, 256, 3], tf.uint8)) / args.batch
     checks = {}
     ref = {k: oracle["out_" + k] for k in ("np", "hv", "tp")}
 
@@ -265,8 +274,10 @@ def main(argv=None):
     except OSError:  # pragma: no cover
         load = float("nan")
     print(f"load average at the end: {load:.1f} (other processes share the cores: compare ratios)")
+    peak = gemm_rate()
+    print(ceiling_line("forward", flops_tile, peak, "tile"))
     print(f"{'variant':<13} {'s/batch median (min–max)':>27} {'tiles/s':>8} {'× torch_cl (paired)':>20} "
-          f"{'CPU s/batch':>12} {'max|Δ|/std vs oracle':>21}")
+          f"{'CPU s/batch':>12} {'max|Δ|/std vs oracle':>21}  arithmetic rate")
     base = times.get("torch_cl")
     for name, ts in times.items():
         med = float(np.median(ts))
@@ -275,7 +286,8 @@ def main(argv=None):
             ratio = f"{np.median(np.array(base) / np.array(ts)):.2f}"
         label = "post-proc" if name == "postproc" else name
         print(f"{label:<13} {med:>10.3f} ({min(ts):.3f}–{max(ts):.3f}){'':>5} {args.batch / med:>8.2f} "
-              f"{ratio:>20} {np.median(cpu[name]):>12.2f} {checks.get(name, float('nan')):>21.1e}")
+              f"{ratio:>20} {np.median(cpu[name]):>12.2f} {checks.get(name, float('nan')):>21.1e}  "
+              f"{'' if name == 'postproc' else format_rate(flops_tile, args.batch / med, peak)}")
     return times
 
 

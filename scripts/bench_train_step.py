@@ -28,6 +28,12 @@ drift on a shared machine hits all of them alike:
 * ``histokd_fit_stockbn`` – histokd with ``fused_bn=False`` (stock
   ``keras.layers.BatchNormalization`` in the backbone) (optional).
 
+The table also gives each variant's arithmetic rate: the float operations of one
+step (TensorFlow profiler on ``keras_bare``'s traced step; the other variants run
+the same convolutions and matrix products) per view times views/s, as GFLOP/s and
+as a share of this machine's float32 GEMM rate measured in the same run
+(``scripts/_roofline.py``).
+
 XLA (``jit_compile``) is off: on this CPU it made the step ~4× slower. Each
 round runs ``--steps`` steps per variant after ``--warmup`` steps; the table
 reports the median (min–max) over ``--rounds`` rounds and the per-round paired
@@ -465,6 +471,15 @@ def main(argv=None):
         print(f"# round {r + 1}: " + "  ".join(
             f"{v}={views_per_step * args.steps / times[v][-1]:.1f}" for v in runners), flush=True)
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _roofline import format_rate, gemm_rate, graph_flops
+
+    flops_view = None
+    if "keras_bare" in runners:
+        spec = tf.TensorSpec(views[0].shape, tf.float32)
+        flops_view = graph_flops(runners["keras_bare"].step, spec, spec) / views_per_step
+    peak = gemm_rate()
+
     ref = "torch_eager" if "torch_eager" in runners else None
     rows = []
     for v in runners:
@@ -491,7 +506,7 @@ def main(argv=None):
 
     print()
     header = (f"| {'variant':<19} | {'views/s (median)':>16} | {'min–max':>13} | {'ms/step':>8} | "
-              f"{'CPU ms/step':>11} | {'× torch_eager':>13} | {'× keras_bare':>12} |")
+              f"{'CPU ms/step':>11} | {'× torch_eager':>13} | {'× keras_bare':>12} | arithmetic rate |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for row in rows:
@@ -499,7 +514,11 @@ def main(argv=None):
         rb = f"{row['ratio_vs_bare']:.2f}" if "ratio_vs_bare" in row else "-"
         print(f"| {row['variant']:<19} | {row['views_per_s']:>16.1f} | "
               f"{row['min']:>6.1f}–{row['max']:<6.1f} | {row['step_ms']:>8.0f} | "
-              f"{row['cpu_ms_per_step']:>11.0f} | {rt:>13} | {rb:>12} |")
+              f"{row['cpu_ms_per_step']:>11.0f} | {rt:>13} | {rb:>12} | "
+              f"{format_rate(flops_view, row['views_per_s'], peak) if flops_view else '-'} |")
+    if flops_view:
+        print(f"work: {flops_view / 1e9:.2f} GFLOP per view (TensorFlow profiler, keras_bare step); "
+              f"float32 GEMM on this machine {peak:.0f} GFLOP/s (TF, 4096², median of 5)")
     traced = [f"{r['variant']}={r['traces']}" for r in rows if r["traces"] is not None]
     if traced:
         print("tf.function traces of the train step: " + ", ".join(traced))

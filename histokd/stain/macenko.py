@@ -307,8 +307,11 @@ def _top_desc(rows, k, group: int = 16):
     Two-stage selection: the k largest values of a row all lie in the k groups
     (of ``group`` consecutive entries) with the largest maxima, so ``top_k`` runs
     over N/group group maxima and then over k*group candidates instead of over N
-    values, ~3x less work for k = 1 % of N, and far less in the worst case
-    (monotone rows, e.g. an intensity gradient).
+    values, and far less in the worst case (monotone rows, e.g. an intensity
+    gradient). The smallest of those k group maxima, T, is a lower bound of the
+    k-th largest value (k distinct entries are >= T), so candidates below T are
+    set to -inf before the second ``top_k``: ~k of the k*group candidates
+    remain, which halves the cost of that ``top_k``.
 
     Args:
         rows: float32 [B, R, N].
@@ -330,20 +333,24 @@ def _top_desc(rows, k, group: int = 16):
         shp = tf.shape(rows)
         grouped = tf.reshape(rows, [shp[0], shp[1], n_groups, group])
         gmax = tf.reduce_max(grouped, axis=-1)  # [B,R,G]
-        idx = tf.math.top_k(gmax, k=min(k, n_groups), sorted=False).indices
-        cand = tf.gather(grouped, idx, batch_dims=2)  # [B,R,k,group]
-        rows = tf.reshape(cand, [shp[0], shp[1], -1])
+        gtop, idx = tf.math.top_k(gmax, k=min(k, n_groups), sorted=False)
+        cand = tf.reshape(tf.gather(grouped, idx, batch_dims=2), [shp[0], shp[1], -1])
+        bound = tf.reduce_min(gtop, axis=-1, keepdims=True)
+        rows = tf.where(cand >= bound, cand, -np.inf)
     top = tf.math.top_k(rows, k=k, sorted=False).values
     return tf.sort(top, axis=-1, direction="DESCENDING")
 
 
-def _percentile_from_top(top, counts, q):
+def _percentile_from_top(top, counts, q, value_fn=None):
     """``np.percentile(valid, q)`` (linear) from the sorted-descending top values of a row.
 
     Args:
         top: float32 [B, k]; the k largest valid values, descending (-inf padding).
         counts: int32 [B]; number of valid values in the row.
         q: python float; the percentile. The needed ranks must be among the k values.
+        value_fn: optional callable mapping the two selected order statistics to
+            the quantity to interpolate (a monotone increasing re-parametrisation
+            of the selected values, e.g. pseudo-angle -> angle).
 
     Returns:
         float32 [B].
@@ -357,6 +364,8 @@ def _percentile_from_top(top, counts, q):
     d2 = tf.maximum(d - 1, 0)  # rank of s_{f+1}
     lo = tf.gather(top, d[:, None], batch_dims=1)[:, 0]
     hi = tf.gather(top, d2[:, None], batch_dims=1)[:, 0]
+    if value_fn is not None:
+        lo, hi = value_fn(lo), value_fn(hi)
     # np.percentile's lerp, evaluated from the nearer end like numpy.
     return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
 
@@ -369,8 +378,107 @@ def _k_for(n_static, n_dynamic, tail_percent: float):
     return tf.maximum(1, tf.minimum(n_dynamic, tf.cast(kf, tf.int32)))
 
 
-def macenko_decompose(
-    images,
+def pseudo_angle(x, y):
+    """A strictly increasing function of ``atan2(y, x)`` on (-pi, pi], in (-2, 2].
+
+    ``d = y / (|x| + |y|)`` is ``d`` for x >= 0, ``2 - d`` for x < 0 <= y and
+    ``-2 - d`` for x, y < 0 (0 at the origin): a few multiply-adds and one
+    division instead of an ``atan2``, so order statistics of angles can be
+    selected on it and only the selected values converted
+    (:func:`pseudo_angle_to_angle`).
+    """
+    s = tf.abs(x) + tf.abs(y)
+    d = y / tf.where(s > 0.0, s, 1.0)
+    return tf.where(x >= 0.0, d, tf.where(y >= 0.0, 2.0 - d, -2.0 - d))
+
+
+def pseudo_angle_to_angle(p):
+    """Inverse of :func:`pseudo_angle`: the angle atan2(y, x) in (-pi, pi]."""
+    back = tf.abs(p) > 1.0  # x < 0
+    d = tf.where(back, tf.where(p > 0.0, 2.0 - p, -2.0 - p), p)
+    r = 1.0 - tf.abs(d)
+    return tf.math.atan2(d, tf.where(back, -r, r))
+
+
+# Per-pixel passes of the decomposition and of the recolouring. On CPU each runs
+# as one XLA-fused loop (see _kernel) instead of a chain of TensorFlow ops that
+# each stream the batch through memory; the math is the same either way.
+
+
+def _od_and_stats(x, io, threshold, luminosity_threshold):
+    """x [B,N,3] (uint8, or float 0..255) -> (OD planar [B,3,N], tissue mask [B,N] float,
+    sums [B,10] = (n, s_r, s_g, s_b, s_rr, s_rg, s_rb, s_gg, s_gb, s_bb) over tissue)."""
+    xp = tf.transpose(x, [0, 2, 1])  # [B,3,N]
+    xf = tf.cast(xp, tf.float32)
+    if x.dtype.is_integer:
+        od = math.log(io) - tf.math.log(xf + 1.0)  # x + 1 is exact for integers
+        mask = tf.reduce_max(xp, axis=1) <= tf.cast(threshold, x.dtype)
+    else:
+        od = math.log(io) - tf.math.log1p(xf)
+        mask = tf.reduce_max(xf, axis=1) <= threshold
+    if luminosity_threshold is not None:
+        lum = 0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2]
+        mask = tf.logical_and(mask, lum < 255.0 * float(luminosity_threshold))
+    maskf = tf.cast(mask, tf.float32)
+    odm = od * maskf[:, None]
+    r, g, b = od[:, 0], od[:, 1], od[:, 2]
+    mr, mg, mb = odm[:, 0], odm[:, 1], odm[:, 2]
+    sums = tf.stack([maskf, mr, mg, mb, mr * r, mr * g, mr * b, mg * g, mg * b, mb * b], axis=1)
+    return od, maskf, tf.reduce_sum(sums, axis=-1)
+
+
+def _angle_rows(od, maskf, plane):
+    """[B,2,N]: pseudo-angle of each tissue pixel in the stain plane (row 0) and its
+    negation (row 1), -inf outside the tissue; for the upper and lower tails."""
+    px = tf.reduce_sum(od * plane[:, :, 0, None], axis=1)  # on the second eigenvector
+    py = tf.reduce_sum(od * plane[:, :, 1, None], axis=1)  # on the largest
+    p = pseudo_angle(px, py)
+    m_inf = tf.where(maskf > 0.0, 0.0, -np.inf)
+    return tf.stack([p + m_inf, m_inf - p], axis=1)
+
+
+def _concentrations(od, pinv):
+    """C = pinv(HE) OD: [B,2,3] x [B,3,N] -> [B,2,N], as three multiply-adds per pixel."""
+    return (pinv[:, :, 0, None] * od[:, None, 0] + pinv[:, :, 1, None] * od[:, None, 1]
+            + pinv[:, :, 2, None] * od[:, None, 2])
+
+
+def _recolour(od, m, io):
+    """io * exp(m OD) clipped to 255, truncated to uint8 (torchstain's astype), as [B,N,3].
+
+    od: OD planar [B,3,N]; m: [B,3,3] (output channel, OD channel)."""
+    z = (m[:, :, 0, None] * od[:, None, 0] + m[:, :, 1, None] * od[:, None, 1]
+         + m[:, :, 2, None] * od[:, None, 2]) + math.log(io)
+    out = tf.cast(tf.minimum(tf.exp(z), 255.0), tf.uint8)  # exp > 0: truncation == floor
+    return tf.transpose(out, [0, 2, 1])
+
+
+def xla_enabled() -> bool:
+    """Whether the per-pixel passes are XLA-compiled (``HISTOKD_MACENKO_XLA=0`` turns it off)."""
+    return os.environ.get("HISTOKD_MACENKO_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_KERNELS: Dict[Tuple, Any] = {}
+
+
+def _kernel(fn, xla: bool, **static):
+    """``fn`` with keyword constants bound, XLA-compiled when ``xla`` (cached per constants).
+
+    Only used where every shape is static (fixed tile size); XLA then compiles
+    once per shape. TensorFlow's own kernels run otherwise.
+    """
+    if not xla:
+        return lambda *a: fn(*a, **static)
+    key = (fn.__name__,) + tuple(sorted(static.items()))
+    k = _KERNELS.get(key)
+    if k is None:
+        k = tf.function(lambda *a: fn(*a, **static), jit_compile=True, autograph=False)
+        _KERNELS[key] = k
+    return k
+
+
+def _decompose_planar(
+    x,
     *,
     io: float = DEFAULT_IO,
     alpha: float = DEFAULT_ALPHA,
@@ -382,62 +490,28 @@ def macenko_decompose(
     min_stain_angle: float = DEFAULT_MIN_STAIN_ANGLE,
     min_stain_component: float = DEFAULT_MIN_STAIN_COMPONENT,
     select_group: int = 16,
+    xla: Optional[bool] = None,
 ):
-    """Per-image Macenko decomposition of a batch, entirely in TensorFlow ops.
+    """:func:`macenko_decompose` on pixels ``x`` [B,N,3]; ``od`` is returned planar [B,3,N]."""
+    b = tf.shape(x)[0]
+    n_static = x.shape[1]
+    n_pix = tf.shape(x)[1]
+    if xla is None:
+        xla = xla_enabled()
+    xla = bool(xla) and n_static is not None
+    threshold = tissue_threshold(io, beta) if x.dtype.is_integer else io * math.exp(-beta) - 1.0
 
-    Args:
-        images: [B, H, W, 3] uint8 (or float holding 0..255 values) tensor.
-        io, alpha, beta: float. Transmitted light, angle percentile, OD threshold.
-        luminosity_threshold: float or None. Extra tissue condition luma/255 < value
-            (Rec. 601 luma; a cheap stand-in for StainTools' LAB L/255 < 0.8).
-        min_tissue_pixels, max_residual_fraction, max_eigen_ratio, min_stain_angle,
-            min_stain_component: robustness policy (module docstring).
-        select_group: int. Group size of the two-stage exact top-k (1 = plain top_k).
-
-    Returns:
-        dict of tensors: ``od`` [B,N,3] float32 (OD of all pixels),
-        ``stain_matrix`` [B,3,2] (H, E columns), ``pinv`` [B,2,3], ``max_c`` [B,2],
-        ``n_tissue`` [B] int32, ``ok`` [B] bool (False = pass the tile through) and
-        ``eigvals`` [B,3] (ascending, for diagnostics).
-    """
-    x = tf.convert_to_tensor(images)
-    if x.shape.rank != 4 or (x.shape[-1] is not None and x.shape[-1] != 3):
-        raise StainError(
-            f"Macenko expects a batch of RGB images [B,H,W,3], got shape {x.shape}; "
-            "add a batch axis (x[None]) or convert gray/RGBA to RGB first"
-        )
-    integer_input = x.dtype.is_integer
-    shape = tf.shape(x)
-    b = shape[0]
-    n_static = None
-    if x.shape[1] is not None and x.shape[2] is not None:
-        n_static = int(x.shape[1]) * int(x.shape[2])
-    n_pix = shape[1] * shape[2]
-    x = tf.reshape(x, [b, n_pix, 3])
-    if n_static is not None:
-        x = tf.ensure_shape(x, [None, n_static, 3])
-
-    # OD = ln(io) - ln(1 + I)
-    od = math.log(io) - tf.math.log1p(tf.cast(x, tf.float32))  # [B,N,3]
-
-    # Tissue mask: OD >= beta in every channel <=> brightest channel <= threshold.
-    xmax = tf.reduce_max(x, axis=-1)  # [B,N]
-    if integer_input:
-        mask = xmax <= tf.cast(tissue_threshold(io, beta), xmax.dtype)
-    else:
-        mask = tf.cast(xmax, tf.float32) <= (io * math.exp(-beta) - 1.0)
-    if luminosity_threshold is not None:
-        lum = tf.linalg.matvec(tf.cast(x, tf.float32), tf.constant([0.299, 0.587, 0.114]))
-        mask = tf.logical_and(mask, lum < 255.0 * float(luminosity_threshold))
-    maskf = tf.cast(mask, tf.float32)  # [B,N]
-    n_tf = tf.reduce_sum(maskf, axis=1)  # [B] (exact in float32 below 2**24 pixels)
+    od, maskf, sums = _kernel(_od_and_stats, xla, io=float(io), threshold=threshold,
+                              luminosity_threshold=luminosity_threshold)(x)
+    n_tf = sums[:, 0]  # [B] (exact in float32 below 2**24 pixels)
     n_t = tf.cast(n_tf, tf.int32)
 
-    # Masked, unbiased covariance in one pass. Tissue OD is O(1) (>= beta), so the
-    # E[xx^T] - mean mean^T cancellation costs < 2 of float32's 7 digits.
-    odm = od * maskf[:, :, None]
-    s1 = tf.reduce_sum(odm, axis=1)  # [B,3]
-    s2 = tf.linalg.matmul(odm, od, transpose_a=True)  # [B,3,3]
+    # Unbiased covariance from the one-pass sums. Tissue OD is O(1) (>= beta), so
+    # the E[xx^T] - mean mean^T cancellation costs < 2 of float32's 7 digits.
+    s1 = sums[:, 1:4]
+    srr, srg, srb, sgg, sgb, sbb = (sums[:, i] for i in range(4, 10))
+    s2 = tf.stack([tf.stack([srr, srg, srb], -1), tf.stack([srg, sgg, sgb], -1),
+                   tf.stack([srb, sgb, sbb], -1)], axis=1)  # [B,3,3]
     n_safe = tf.maximum(n_tf, 1.0)[:, None, None]
     mean = s1[:, :, None] / n_safe
     cov = (s2 - n_safe * mean * tf.linalg.matrix_transpose(mean)) / tf.maximum(
@@ -454,14 +528,15 @@ def macenko_decompose(
     e_sec = e_sec * tf.where(tf.reduce_sum(e_sec, -1, keepdims=True) < 0, -1.0, 1.0)
     plane = tf.stack([e_sec, e_lg], axis=-1)  # [B,3,2]
 
-    # phi = atan2(projection on largest, projection on second); -inf outside tissue.
-    phi = tf.math.atan2(tf.linalg.matvec(od, e_lg), tf.linalg.matvec(od, e_sec))  # [B,N]
-    m_inf = tf.where(mask, 0.0, -np.inf)
+    # phi = atan2(projection on largest, projection on second). The alpha-th and
+    # (100-alpha)-th percentiles are selected on a pseudo-angle (same order) and
+    # only the selected values are turned into angles.
+    rows = _kernel(_angle_rows, xla)(od, maskf, plane)  # [B,2,N]
     k_phi = _k_for(n_static, n_pix, min(alpha, 100.0 - alpha))
-    top_hi = _top_desc((phi + m_inf)[:, None], k_phi, select_group)[:, 0]
-    top_lo = _top_desc((m_inf - phi)[:, None], k_phi, select_group)[:, 0]
-    phi_max = _percentile_from_top(top_hi, n_t, 100.0 - alpha)
-    phi_min = -_percentile_from_top(top_lo, n_t, 100.0 - alpha)
+    top_phi = _top_desc(rows, k_phi, select_group)
+    phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle)
+    phi_min = -_percentile_from_top(top_phi[:, 1], n_t, 100.0 - alpha,
+                                    lambda v: -pseudo_angle_to_angle(-v))
 
     def vec(a):
         return tf.linalg.matvec(plane, tf.stack([tf.cos(a), tf.sin(a)], axis=-1))
@@ -482,7 +557,7 @@ def macenko_decompose(
     pinv = tf.linalg.matmul(ginv, he, transpose_b=True)  # [B,2,3]
 
     # maxC: 99th percentile of each concentration row over all pixels.
-    conc = tf.linalg.matmul(pinv, od, transpose_b=True)  # [B,2,N]
+    conc = _kernel(_concentrations, xla)(od, pinv)  # [B,2,N]
     k_c = _k_for(n_static, n_pix, 100.0 - _MAXC_PERCENTILE)
     top_c = _top_desc(conc, k_c, select_group)  # [B,2,k]
     n_all = tf.fill([b], n_pix)
@@ -513,13 +588,48 @@ def macenko_decompose(
         "n_tissue": n_t,
         "ok": ok,
         "eigvals": evals,
-    }
+    }, xla
 
 
-def _recolour(od, m, io):
-    """io * exp(od @ m) clipped to 255, as uint8 [B,N,3] (truncation == floor)."""
-    z = tf.linalg.matmul(od, m) + math.log(io)  # scalar add: no broadcasting kernel
-    return tf.cast(tf.minimum(tf.exp(z), 255.0), tf.uint8)
+def _pixels(images):
+    """[B,H,W,3] images -> ([B,N,3] pixels with N static when H and W are)."""
+    x = tf.convert_to_tensor(images)
+    if x.shape.rank != 4 or (x.shape[-1] is not None and x.shape[-1] != 3):
+        raise StainError(
+            f"Macenko expects a batch of RGB images [B,H,W,3], got shape {x.shape}; "
+            "add a batch axis (x[None]) or convert gray/RGBA to RGB first"
+        )
+    shape = tf.shape(x)
+    x = tf.reshape(x, [shape[0], shape[1] * shape[2], 3])
+    if x.shape[1] is None and images.shape[1] is not None and images.shape[2] is not None:
+        x = tf.ensure_shape(x, [None, int(images.shape[1]) * int(images.shape[2]), 3])
+    return x
+
+
+def macenko_decompose(images, **constants):
+    """Per-image Macenko decomposition of a batch, entirely in TensorFlow ops.
+
+    Args:
+        images: [B, H, W, 3] uint8 (or float holding 0..255 values) tensor.
+        io, alpha, beta: float. Transmitted light, angle percentile, OD threshold.
+        luminosity_threshold: float or None. Extra tissue condition luma/255 < value
+            (Rec. 601 luma; a cheap stand-in for StainTools' LAB L/255 < 0.8).
+        min_tissue_pixels, max_residual_fraction, max_eigen_ratio, min_stain_angle,
+            min_stain_component: robustness policy (module docstring).
+        select_group: int. Group size of the two-stage exact top-k (1 = plain top_k).
+        xla: bool or None. XLA-compile the per-pixel passes (None: yes unless
+            ``HISTOKD_MACENKO_XLA=0``; only when H and W are static).
+
+    Returns:
+        dict of tensors: ``od`` [B,N,3] float32 (OD of all pixels),
+        ``stain_matrix`` [B,3,2] (H, E columns), ``pinv`` [B,2,3], ``max_c`` [B,2],
+        ``n_tissue`` [B] int32, ``ok`` [B] bool (False = pass the tile through) and
+        ``eigvals`` [B,3] (ascending, for diagnostics).
+    """
+    x = tf.convert_to_tensor(images)
+    dec, _ = _decompose_planar(_pixels(x), **constants)
+    dec["od"] = tf.transpose(dec["od"], [0, 2, 1])
+    return dec
 
 
 def _select_tiles(ok, new, old):
@@ -600,13 +710,13 @@ def macenko_transform(
 
 def _transform_batch(x, he_ref, mc_ref, io, kwargs):
     """:func:`macenko_transform` on one batch (or chunk), no chunking."""
-    dec = macenko_decompose(x, io=io, **kwargs)
+    dec, xla = _decompose_planar(_pixels(x), io=io, **kwargs)
     ok = dec["ok"]
     scale = mc_ref[None, :] / tf.where(ok[:, None], dec["max_c"], 1.0)  # [B,2]
     # out = io exp(-HE_ref diag(scale) pinv od): one 3x3 matrix per image.
     m_t = tf.linalg.matmul(he_ref[None] * scale[:, None, :], dec["pinv"])  # [B,3,3]
     m_t = tf.where(ok[:, None, None], m_t, tf.zeros_like(m_t))
-    out = _recolour(dec["od"], -tf.linalg.matrix_transpose(m_t), io)
+    out = _kernel(_recolour, xla, io=float(io))(dec["od"], -m_t)
     out = tf.reshape(out, tf.shape(x))
     return _select_tiles(ok, out, x), tf.logical_not(ok)
 
@@ -664,7 +774,7 @@ def _key(c: Dict[str, Any]) -> Tuple:
 
 def _decompose_fn(c: Dict[str, Any]):
     """A cached tf.function running :func:`macenko_decompose` with constants ``c``."""
-    key = ("decompose",) + _key(c)
+    key = ("decompose", xla_enabled()) + _key(c)
     fn = _DECOMPOSE_CACHE.get(key)
     if fn is None:
         fn = tf.function(lambda x: macenko_decompose(x, **c), reduce_retracing=True)
@@ -678,7 +788,7 @@ def _transform_fn(c: Dict[str, Any], h: Optional[int], w: Optional[int]):
     the top-k sizes are then dynamic)."""
     if h is None or w is None:
         h = w = None
-    key = ("transform", h, w) + _key(c)
+    key = ("transform", h, w, xla_enabled()) + _key(c)
     fn = _DECOMPOSE_CACHE.get(key)
     if fn is None:
         fn = tf.function(

@@ -48,7 +48,12 @@ def test_with_count_is_stateless_and_dynamic_shapes_work(tiles):
     fn = tf.function(stain.with_count, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
     out, n = fn(tf.constant(tiles))
     assert int(n) == 1
-    np.testing.assert_array_equal(out.numpy(), MacenkoNormalizer("torchstain")(tiles))
+    # unknown tile sizes run TensorFlow's kernels instead of the XLA-compiled passes
+    # of the static-size path: log/exp round differently in the last bit, which can
+    # move a truncated output by one grey level
+    static = MacenkoNormalizer("torchstain")(tiles)
+    diff = np.abs(out.numpy().astype(int) - static)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert stain.counts()["tiles"] == 0
 
 
