@@ -26,39 +26,48 @@ schaugf/HEnorm_python; defaults Io=240, alpha=1, beta=0.15):
 
 Batched design. Percentiles are exact order statistics: values outside the
 tissue are pushed to -inf and only the ~1 % largest values of each row are
-selected (``tf.math.top_k`` after a group-maximum prefilter, never a full
-sort), then rank ``(n_b - 1) q / 100`` is gathered per image with
-``batch_dims`` and interpolated exactly like ``np.percentile``. The recolouring
-folds pinv(HE), the maxC rescale and HE_ref into one 3x3 matrix per image, so
-it costs one matmul and one exp per pixel.
+selected (``tf.math.top_k`` after a group-maximum prefilter whose k-th
+largest group maximum bounds the candidates from below, never a full sort),
+then rank ``(n_b - 1) q / 100`` is gathered per image with ``batch_dims`` and
+interpolated exactly like ``np.percentile``. The angle percentiles are
+selected on a pseudo-angle (:func:`pseudo_angle`, a strictly increasing
+function of ``atan2`` made of a few multiply-adds), and only the selected
+order statistics are turned into angles before the interpolation, so no
+per-pixel ``atan2`` is evaluated. The recolouring folds pinv(HE), the maxC
+rescale and HE_ref into one 3x3 matrix per image. The four per-pixel passes
+(OD + tissue mask + covariance sums; pseudo-angles; concentrations;
+recolouring) each run as one XLA-compiled loop when the tile size is static
+(the training pipeline, the Keras layer, ``histokd normalize``), instead of a
+chain of TensorFlow ops that each stream the batch through memory;
+``HISTOKD_MACENKO_XLA=0`` or an unknown tile size runs the same math with
+TensorFlow's kernels (compiling per tile size would be unbounded there).
 
 Speed. ``macenko_transform`` runs the batch in chunks of 8 tiles
 (``tf.map_fn``, two chunks in flight; padded, so a tile's output does not
 depend on its batch): the chunk's intermediates stay in cache and the two
 cores work on different chunks instead of synchronising on every op of one
 huge batch. ``scripts/bench_stain.py`` (256 Kather tiles 224x224, 2 cores,
-medians of 5 runs) on a quiet machine: 519 tiles/s chunked, 545 unchunked,
-417 inside ``Dataset.map``; floor pass 2,668; torchstain torch 219, numpy 134,
-tensorflow 24, macenko-pca 138 tiles/s, i.e. 2.4x the fastest peer. With the
-cores shared by other jobs (load 3.3-4.8) chunking is what keeps the rate up:
-244 vs 159 tiles/s unchunked (peers: macenko-pca 85, torchstain numpy 28,
-torch 20). The issue's target (>= 1,000 tiles/s, >= 5x the fastest peer) is
-NOT reached: the remaining cost is
-CPU work, ~1/3 in the four exact selections (phi low/high tails, maxC of H
-and E; ``top_k`` after a group-maximum prefilter) and the rest in ~20
-elementwise passes and four batched 3-wide matmuls. Measured and rejected
-(on CPU time, same run): OD and recolouring through 256-entry lookup tables
-(``tf.gather`` is 2-5x slower than ``log1p``/``exp`` here); per-image
-histograms (``bincount``/``unsorted_segment_sum`` cost more than the
-selections they would replace); a subsample-threshold band + ragged sort
-selection (exact, but no cheaper than the group-max ``top_k``);
-``NthElement`` (cheap on the group maxima, 8.5 vs 28 ms per batch, but it
-returns no indices to gather candidates; worth ~10 % at most); chunk sizes 1,
-2, 4, 16, 32 and 4 chunks in flight (no better than 8 x 2). Estimating the
+medians of 5 runs): 852 tiles/s (519 before the XLA passes, the
+pseudo-angle and the candidate bound; 569 with ``HISTOKD_MACENKO_XLA=0``);
+torchstain torch 232, numpy 150, tensorflow 28, macenko-pca 138 tiles/s in
+the same run, i.e. 3.7x the fastest peer; floor pass 2,703. The issue's target
+(>= 1,000 tiles/s, >= 5x the fastest peer) is NOT reached. Per 8-tile chunk on
+one core the step now costs ~11 ms: ~40 % the four exact selections (two
+angle tails, maxC of H and E), ~20 % the OD/covariance pass (ten sums over
+the pixels, which XLA's CPU backend does not vectorise well), ~15 % the
+other three passes. Measured and rejected (on CPU time, same run): OD and
+recolouring through 256-entry lookup tables (``tf.gather`` is 2-5x slower
+than ``log``/``exp`` here); per-image histograms (``bincount``/
+``unsorted_segment_sum`` cost more than the selections they would replace);
+a subsample-threshold band + ragged sort selection (exact, but no cheaper
+than the group-max ``top_k``); ``NthElement`` for the group-maximum bound
+(~10 % of that step); covariance sums as a matrix product (oneDNN or XLA dot:
+slower than the fused sums); chunk sizes 4, 16, 32 and 3-4 chunks in flight
+(within noise of 8 x 2). Estimating the
 statistics on a pixel subsample breaks parity (stride 2 already puts 9 % of
-real Kather tiles above 1 grey level), and XLA does not help (``tf.data``
-ignores ``jit_compile``, and XLA's CPU atan2 and top_k are several times
-slower than TensorFlow's kernels).
+real Kather tiles above 1 grey level), and compiling the whole step with XLA
+is slower (XLA's CPU ``top_k`` and ``atan2`` are several times slower than
+TensorFlow's kernels); only the per-pixel passes are compiled.
 
 Deliberate differences from torchstain's numpy backend (parity is tested in
 ``tests/stain/test_parity.py``: mean absolute difference < 0.05 grey levels per
@@ -66,7 +75,10 @@ tile on real Kather tiles, identical H/E order):
 
 * float32 instead of float64, and a one-pass covariance. The output is
   truncated to integers, so a pixel whose exact value lies within ~1e-4 of an
-  integer can move by one grey level.
+  integer can move by one grey level. For the same reason the XLA passes and
+  TensorFlow's kernels (unknown tile sizes, ``HISTOKD_MACENKO_XLA=0``), whose
+  ``log``/``exp`` round differently in the last bit, agree to one grey level
+  on well under 1 % of pixels rather than bit for bit.
 * Robustness policy (torchstain has none: it raises or returns NaN). A tile is
   *passed through unchanged*, and reported as such, when fewer than
   ``min_tissue_pixels`` pixels pass the tissue mask (background-only,
@@ -420,7 +432,7 @@ def _od_and_stats(x, io, threshold, luminosity_threshold):
         lum = 0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2]
         mask = tf.logical_and(mask, lum < 255.0 * float(luminosity_threshold))
     maskf = tf.cast(mask, tf.float32)
-    odm = od * maskf[:, None]
+    odm = od * tf.expand_dims(maskf, 1)
     r, g, b = od[:, 0], od[:, 1], od[:, 2]
     mr, mg, mb = odm[:, 0], odm[:, 1], odm[:, 2]
     sums = tf.stack([maskf, mr, mg, mb, mr * r, mr * g, mr * b, mg * g, mg * b, mb * b], axis=1)
@@ -430,8 +442,8 @@ def _od_and_stats(x, io, threshold, luminosity_threshold):
 def _angle_rows(od, maskf, plane):
     """[B,2,N]: pseudo-angle of each tissue pixel in the stain plane (row 0) and its
     negation (row 1), -inf outside the tissue; for the upper and lower tails."""
-    px = tf.reduce_sum(od * plane[:, :, 0, None], axis=1)  # on the second eigenvector
-    py = tf.reduce_sum(od * plane[:, :, 1, None], axis=1)  # on the largest
+    px = tf.reduce_sum(od * plane[:, :, 0:1], axis=1)  # on the second eigenvector
+    py = tf.reduce_sum(od * plane[:, :, 1:2], axis=1)  # on the largest
     p = pseudo_angle(px, py)
     m_inf = tf.where(maskf > 0.0, 0.0, -np.inf)
     return tf.stack([p + m_inf, m_inf - p], axis=1)
@@ -439,16 +451,15 @@ def _angle_rows(od, maskf, plane):
 
 def _concentrations(od, pinv):
     """C = pinv(HE) OD: [B,2,3] x [B,3,N] -> [B,2,N], as three multiply-adds per pixel."""
-    return (pinv[:, :, 0, None] * od[:, None, 0] + pinv[:, :, 1, None] * od[:, None, 1]
-            + pinv[:, :, 2, None] * od[:, None, 2])
+    # (explicit slices, no new-axis indexing: grappler mis-shapes the latter here)
+    return pinv[:, :, 0:1] * od[:, 0:1] + pinv[:, :, 1:2] * od[:, 1:2] + pinv[:, :, 2:3] * od[:, 2:3]
 
 
 def _recolour(od, m, io):
     """io * exp(m OD) clipped to 255, truncated to uint8 (torchstain's astype), as [B,N,3].
 
     od: OD planar [B,3,N]; m: [B,3,3] (output channel, OD channel)."""
-    z = (m[:, :, 0, None] * od[:, None, 0] + m[:, :, 1, None] * od[:, None, 1]
-         + m[:, :, 2, None] * od[:, None, 2]) + math.log(io)
+    z = (m[:, :, 0:1] * od[:, 0:1] + m[:, :, 1:2] * od[:, 1:2] + m[:, :, 2:3] * od[:, 2:3]) + math.log(io)
     out = tf.cast(tf.minimum(tf.exp(z), 255.0), tf.uint8)  # exp > 0: truncation == floor
     return tf.transpose(out, [0, 2, 1])
 
@@ -998,9 +1009,9 @@ class MacenkoNormalization(keras.layers.Layer):
         if not hi > lo:
             raise StainError(f"value_range must be (low, high) with high > low, got {value_range}")
         self.value_range = (lo, hi)
-        # XLA on CPU lowers atan2 to scalar calls and top_k to sorts (measured ~5x
-        # slower here), and dynamic tile sizes make top_k uncompilable: keep the
-        # model out of jit_compile="auto".
+        # XLA on CPU lowers top_k to sorts (measured ~5x slower here), and dynamic
+        # tile sizes make top_k uncompilable: keep the model out of
+        # jit_compile="auto" (the per-pixel passes inside are XLA-compiled anyway).
         self.supports_jit = False
 
     def call(self, inputs):
