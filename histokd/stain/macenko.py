@@ -793,14 +793,31 @@ def _decompose_fn(c: Dict[str, Any]):
     return fn
 
 
+#: Distinct tile sizes that get their own compiled graph (per set of constants);
+#: further sizes share one dynamic-shape graph (TensorFlow kernels, no retracing).
+MAX_STATIC_SIZES = 16
+_STATIC_SIZES: Dict[Tuple, set] = {}
+
+
 def _transform_fn(c: Dict[str, Any], h: Optional[int], w: Optional[int]):
     """A cached tf.function (shared by all normalisers with the same constants and
     tile size) running :func:`macenko_transform`; h/w None = any size (slower:
-    the top-k sizes are then dynamic)."""
+    the top-k sizes are then dynamic, and the per-pixel passes are not XLA-compiled).
+
+    Each new static size costs a trace and an XLA compilation (~1 s); after
+    :data:`MAX_STATIC_SIZES` distinct sizes (a folder of images of many sizes)
+    new sizes go to the one dynamic-shape graph instead, which is traced once.
+    """
     if h is None or w is None:
         h = w = None
-    key = ("transform", h, w, xla_enabled()) + _key(c)
+    base = (xla_enabled(),) + _key(c)
+    key = ("transform", h, w) + base
     fn = _DECOMPOSE_CACHE.get(key)
+    if fn is None and h is not None:
+        sizes = _STATIC_SIZES.setdefault(base, set())
+        if len(sizes) >= MAX_STATIC_SIZES:
+            return _transform_fn(c, None, None)
+        sizes.add((h, w))
     if fn is None:
         fn = tf.function(
             lambda x, he, mc: macenko_transform(x, he, mc, **c),

@@ -98,6 +98,12 @@ def test_keras_layer_in_saved_and_reloaded_classifier(tiles, tmp_path):
     u8 = MacenkoNormalization()(tf.constant(tiles))
     assert u8.dtype == tf.uint8
     np.testing.assert_array_equal(u8.numpy(), MacenkoNormalizer("torchstain")(tiles))
+    # TF SavedModel (``histokd export --saved-model``): the XLA-compiled passes travel
+    # inside the graph and give the same outputs when served
+    model.export(str(tmp_path / "sm"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "sm"))
+    np.testing.assert_allclose(served.serve(tf.constant(xf)).numpy(), model.predict(xf, verbose=0),
+                               atol=1e-6)
 
 
 def test_stain_fn_layer_matches_pipeline(tiles):

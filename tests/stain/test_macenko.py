@@ -294,3 +294,25 @@ def test_tensorflow_kernel_path_in_a_static_graph(monkeypatch):
     tf_out = fn(tf.constant(imgs)).numpy()
     diff = np.abs(tf_out.astype(int) - xla_out)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_many_tile_sizes_share_one_dynamic_graph(monkeypatch):
+    """Beyond MAX_STATIC_SIZES distinct tile sizes, new sizes use the one
+    dynamic-shape graph (no per-size trace and XLA compile) with the same results."""
+    from histokd.stain import macenko as M
+
+    monkeypatch.setattr(M, "MAX_STATIC_SIZES", 1)
+    monkeypatch.setattr(M, "_STATIC_SIZES", {})
+    norm = MacenkoNormalizer("torchstain", alpha=1.5)  # constants no other test compiled
+    a = np.stack([synth_he(40, s) for s in range(2)])
+    b = np.stack([synth_he(44, s) for s in range(2)])
+    out_a = norm(a)
+    out_b = norm(b)  # second size: the dynamic graph
+    keys = [k for k in M._DECOMPOSE_CACHE if k[0] == "transform" and ("alpha", 1.5) in k]
+    assert {(k[1], k[2]) for k in keys} == {(40, 40), (None, None)}
+    assert out_a.shape == a.shape and out_b.shape == b.shape
+    monkeypatch.setattr(M, "MAX_STATIC_SIZES", 16)
+    monkeypatch.setattr(M, "_STATIC_SIZES", {})
+    static_b = MacenkoNormalizer("torchstain", alpha=1.5)(b)
+    diff = np.abs(static_b.astype(int) - out_b)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
