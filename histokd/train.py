@@ -212,6 +212,65 @@ def load_trained_model(run_dir, num_classes=None):
     return model, cfg
 
 
+class _FusedAdamUpdate:
+    """Adam's update as one fused TensorFlow kernel per variable (mixin for Adam / AdamW).
+
+    Keras 3 writes Adam's update as ~10 element-wise ops per variable, each streaming
+    the variable-sized tensors through memory once more; TensorFlow's
+    ``ResourceApplyAdam`` kernel does the same update in one pass:
+    ``m += (g - m)(1 - β1)``, ``v += (g² - v)(1 - β2)``,
+    ``var -= lr·sqrt(1 - β2^t)/(1 - β1^t) · m / (sqrt(v) + ε)`` — Keras' formula,
+    ε included the same way (Kingma & Ba 2015, Algorithm 1 with the "ε-hat" form).
+    On a ViT-S/16 training step (22 M parameters) this is ~5 % of the step. Same
+    config and slot variables as the Keras class, so checkpoints are interchangeable;
+    anything the kernel does not cover (another backend, AMSGrad, sparse or
+    differently-typed gradients) runs Keras' own update.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if (keras.backend.backend() != "tensorflow" or self.amsgrad
+                or not isinstance(gradient, tf.Tensor) or isinstance(gradient, tf.IndexedSlices)):
+            return super().update_step(gradient, variable, learning_rate)
+        var = variable.value if isinstance(variable, keras.Variable) else variable
+        index = self._get_variable_index(variable)
+        m = self._momentums[index].value
+        v = self._velocities[index].value
+        dtype = var.dtype
+        if dtype not in (tf.float32, tf.float64) or not all(
+                hasattr(t, "handle") for t in (var, m, v)):
+            return super().update_step(gradient, variable, learning_rate)
+        step = tf.cast(self.iterations + 1, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=var.handle, m=m.handle, v=v.handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype), use_locking=False, use_nesterov=False)
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with a one-kernel update on TensorFlow (see :class:`_FusedAdamUpdate`).
+
+    The optimizer of the More From Less runs (§2.2: Adam, lr 1e-4, warm-up + cosine).
+
+    Example:
+        >>> opt = FusedAdam(1e-4)
+        >>> model.compile(optimizer=opt)
+    """
+
+
+@keras.saving.register_keras_serializable(package="histokd")
+class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` (decoupled weight decay, applied by Keras before the
+    update) with the one-kernel Adam update on TensorFlow.
+
+    Example:
+        >>> opt = FusedAdamW(1e-4, weight_decay=0.05)
+    """
+
+
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
     """Adam with a linear warm-up then cosine decay (More From Less §2.2, Goyal et al. 2017)."""
     t = cfg.train
@@ -225,8 +284,8 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
     else:
         schedule = keras.optimizers.schedules.CosineDecay(initial_learning_rate=t.lr, decay_steps=total)
     if t.weight_decay > 0:
-        return keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
-    return keras.optimizers.Adam(schedule)
+        return FusedAdamW(schedule, weight_decay=t.weight_decay)
+    return FusedAdam(schedule)
 
 
 class CollapseMonitor(keras.callbacks.Callback):

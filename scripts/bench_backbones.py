@@ -18,7 +18,8 @@ Two modes:
 * ``train``: one training step: forward (``training=True`` / ``model.train()``, so
   stochastic depth is active on both sides), loss = mean of squares of the pooled
   features, backward, Adam update. histokd: ``tf.function`` with a ``GradientTape`` and
-  ``keras.optimizers.Adam``; transformers: ``torch.optim.Adam``.
+  ``histokd.train.FusedAdam`` (the optimizer ``histokd train`` uses; ``--stock-adam``
+  for ``keras.optimizers.Adam``); transformers: ``torch.optim.Adam``.
 
 Threads: PyTorch ``torch.set_num_threads(2)`` (``--torch-threads``); TensorFlow keeps its
 default thread pools (``--intra``/``--inter`` to change). By default PyTorch runs in its own
@@ -82,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-in-process", action="store_true",
                    help="run PyTorch in the TensorFlow process (default: its own process)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--stock-adam", action="store_true",
+                   help="histokd side with keras.optimizers.Adam instead of histokd.train.FusedAdam")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -226,7 +229,7 @@ class TorchProxy:
 class KerasSide:
     """A histokd backbone with a compiled forward and a compiled Adam training step."""
 
-    def __init__(self, tf, name, size, batch, state, x, lr, xla=False):
+    def __init__(self, tf, name, size, batch, state, x, lr, xla=False, stock_adam=False):
         import keras
         from keras import ops
 
@@ -239,7 +242,9 @@ class KerasSide:
         self.loaded = report["loaded"]
         self.x = tf.constant(x)
         model = self.model
-        self.optimizer = keras.optimizers.Adam(lr)
+        from histokd.train import FusedAdam
+
+        self.optimizer = keras.optimizers.Adam(lr) if stock_adam else FusedAdam(lr)
         variables = model.trainable_variables
         self.optimizer.build(variables)
 
@@ -310,7 +315,8 @@ def main(argv=None):
     try:
         for name in args.models:
             state, x, attn = torch_side.build(name, args.size, args.batch)
-            ours = KerasSide(tf, name, args.size, args.batch, state, x, args.lr, xla=args.xla)
+            ours = KerasSide(tf, name, args.size, args.batch, state, x, args.lr, xla=args.xla,
+                             stock_adam=args.stock_adam)
             ref = torch_side.forward(name)
             err = float(np.abs(ours.pooled() - ref).max() / np.abs(ref).max())
             print(f"{name}: {ours.model.count_params() / 1e6:.1f} M params, {ours.loaded} weights copied from "

@@ -15,7 +15,8 @@ drift on a shared machine hits all of them alike:
 * ``histokd_fit``     – ``histokd.methods.joint_embedding.JointEmbedding`` with a
   ``histokd.backbones`` ResNet-50 trained through ``fit`` (the real Keras
   ``train_step`` with every logged metric: loss terms, embedding std; the
-  cross-replica gather is a no-op on one device). Timed between the ends of the
+  cross-replica gather is a no-op on one device) and the optimizer ``histokd
+  train`` uses (``histokd.train.FusedAdam``). Timed between the ends of the
   first and last batch of each ``fit`` call, i.e. steady state.
 * ``torch_eager``     – the same model written out in PyTorch (ResNet-50 with
   Keras' layout: stride in the first 1×1 convolution, convolution biases),
@@ -27,6 +28,8 @@ drift on a shared machine hits all of them alike:
 * ``histokd_tob``     – histokd through ``train_on_batch`` (optional).
 * ``histokd_fit_stockbn`` – histokd with ``fused_bn=False`` (stock
   ``keras.layers.BatchNormalization`` in the backbone) (optional).
+* ``histokd_fit_stockadam`` – histokd with ``keras.optimizers.Adam`` instead of
+  ``histokd.train.FusedAdam`` (the optimizer ``histokd train`` uses) (optional).
 
 The table also gives each variant's arithmetic rate: the float operations of one
 step (TensorFlow profiler on ``keras_bare``'s traced step; the other variants run
@@ -56,7 +59,7 @@ import sys
 import time
 
 DEFAULT_VARIANTS = ["keras_bare", "histokd_fit", "torch_eager"]
-EXTRA_VARIANTS = ["histokd_fit_stockbn", "histokd_tob", "torch_cl"]
+EXTRA_VARIANTS = ["histokd_fit_stockbn", "histokd_fit_stockadam", "histokd_tob", "torch_cl"]
 BF16_VARIANTS = ["keras_bare_bf16", "histokd_fit_bf16"]
 
 
@@ -200,19 +203,22 @@ class _StepTimes:
 class HistokdStep:
     """histokd JointEmbedding (shared ResNet-50 backbone) trained through fit / train_on_batch."""
 
-    def __init__(self, args, tf, views, mode="fit", fused_bn=True):
+    def __init__(self, args, tf, views, mode="fit", fused_bn=True, fused_adam=True):
         import keras
 
         import histokd  # noqa: F401
         from histokd.backbones import make_backbone
         from histokd.methods.joint_embedding import JointEmbedding
+        from histokd.train import FusedAdam
 
         self.mode = mode
         encoder = make_backbone("resnet50", args.size, fused_bn=fused_bn)
         self.model = JointEmbedding(
             encoder, shared=True, expander_dims=(args.expander,) * 3, loss="vicreg"
         )
-        self.model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=bool(args.jit))
+        # the optimizer `histokd train` uses (histokd.train.make_optimizer)
+        opt = FusedAdam(1e-4) if fused_adam else keras.optimizers.Adam(1e-4)
+        self.model.compile(optimizer=opt, jit_compile=bool(args.jit))
         xa, xb = views
         self.x = {"view_a": tf.constant(xa), "view_b": tf.constant(xb)}
         self.y = tf.zeros((xa.shape[0],), tf.int32)
@@ -419,6 +425,8 @@ def build(variant, args, tf, views):
             return HistokdStep(args, tf, views, mode="fit")
         if base == "histokd_fit_stockbn":
             return HistokdStep(args, tf, views, mode="fit", fused_bn=False)
+        if base == "histokd_fit_stockadam":
+            return HistokdStep(args, tf, views, mode="fit", fused_adam=False)
         if base == "histokd_tob":
             return HistokdStep(args, tf, views, mode="tob")
         if base in ("torch_eager", "torch_cl"):
@@ -505,14 +513,14 @@ def main(argv=None):
         rows.append(row)
 
     print()
-    header = (f"| {'variant':<19} | {'views/s (median)':>16} | {'min–max':>13} | {'ms/step':>8} | "
+    header = (f"| {'variant':<21} | {'views/s (median)':>16} | {'min–max':>13} | {'ms/step':>8} | "
               f"{'CPU ms/step':>11} | {'× torch_eager':>13} | {'× keras_bare':>12} | arithmetic rate |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for row in rows:
         rt = f"{row['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in row else "-"
         rb = f"{row['ratio_vs_bare']:.2f}" if "ratio_vs_bare" in row else "-"
-        print(f"| {row['variant']:<19} | {row['views_per_s']:>16.1f} | "
+        print(f"| {row['variant']:<21} | {row['views_per_s']:>16.1f} | "
               f"{row['min']:>6.1f}–{row['max']:<6.1f} | {row['step_ms']:>8.0f} | "
               f"{row['cpu_ms_per_step']:>11.0f} | {rt:>13} | {rb:>12} | "
               f"{format_rate(flops_view, row['views_per_s'], peak) if flops_view else '-'} |")
