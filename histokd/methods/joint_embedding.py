@@ -98,6 +98,13 @@ class JointEmbedding(keras.Model):
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict) or "view_a" not in inputs or "view_b" not in inputs:
             raise ConfigError("JointEmbedding expects a dict with 'view_a' and 'view_b' images")
+        if self.shared:
+            # one expander for both branches: its dense layers run once on both views
+            # (BatchNorm still per view), see Expander.call_views
+            f_a = self.encoder_a(inputs["view_a"], training=training)
+            f_b = self.encoder_a(inputs["view_b"], training=training)
+            z_a, z_b = self.expander_a.call_views([f_a, f_b], training=training)
+            return {"z_a": z_a, "z_b": z_b}
         return {"z_a": self.embed_a(inputs["view_a"], training), "z_b": self.embed_b(inputs["view_b"], training)}
 
     def build(self, input_shape=None):

@@ -118,3 +118,26 @@ def test_mirrored_equals_one_device(loss):
     assert np.linalg.norm(flat1 - flat2) <= 1e-3 * np.linalg.norm(flat1)
     for a, b in zip(g1, g2):  # and per weight, relative to the global gradient scale
         assert np.abs(a - b).max() <= 1e-4 * np.abs(flat1).max()
+
+
+def test_expander_call_views_equals_separate_calls():
+    """Shared branches run the expander's dense layers once on both views; outputs and
+    BatchNorm moving statistics must equal two separate calls."""
+    from histokd.layers.heads import Expander
+
+    rng = np.random.default_rng(0)
+    fa = tf.constant(rng.normal(size=(6, 16)).astype("float32"))
+    fb = tf.constant(rng.normal(size=(6, 16)).astype("float32") * 2 + 1)
+    one, two = Expander([24, 24, 8]), Expander([24, 24, 8])
+    one.build((None, 16))
+    two.build((None, 16))
+    two.set_weights(one.get_weights())
+    za, zb = one.call_views([fa, fb], training=True)
+    ra, rb = two(fa, training=True), two(fb, training=True)
+    np.testing.assert_allclose(za.numpy(), ra.numpy(), atol=1e-5)
+    np.testing.assert_allclose(zb.numpy(), rb.numpy(), atol=1e-5)
+    for w1, w2 in zip(one.weights, two.weights):  # incl. moving mean / variance
+        np.testing.assert_allclose(w1.numpy(), w2.numpy(), atol=1e-6, err_msg=w1.path)
+    ia, ib = one.call_views([fa, fb], training=False)
+    np.testing.assert_allclose(ia.numpy(), two(fa, training=False).numpy(), atol=1e-5)
+    np.testing.assert_allclose(ib.numpy(), two(fb, training=False).numpy(), atol=1e-5)
