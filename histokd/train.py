@@ -546,5 +546,5 @@ def steps_for(cfg: RunConfig, n_train: int) -> int:
     return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
 
 
-__all__ = ["run", "make_strategy", "build_method", "make_optimizer", "CollapseMonitor",
+__all__ = ["run", "make_strategy", "build_method", "make_optimizer", "FusedAdam", "FusedAdamW", "CollapseMonitor",
            "results_table", "load_run_config", "load_trained_model"]
