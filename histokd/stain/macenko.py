@@ -313,7 +313,23 @@ def tissue_threshold(io: float = DEFAULT_IO, beta: float = DEFAULT_BETA) -> int:
     return int(np.nonzero(ok)[0].max()) if ok.any() else -1
 
 
-def _top_desc(rows, k, group: int = 16):
+def _uses_groups(n_static, k, group: int) -> bool:
+    """Whether :func:`_top_desc` runs its two-stage selection for these sizes."""
+    return group > 1 and isinstance(k, int) and n_static is not None and k * group * 2 < n_static
+
+
+def _group_max(rows, group: int):
+    """[B,R,N] -> [B,R,ceil(N/group)]: maxima of ``group`` consecutive entries
+    (-inf padding); computed inside the per-pixel XLA passes when they run."""
+    n = rows.shape[-1]
+    pad = (-n) % group
+    if pad:
+        rows = tf.pad(rows, [[0, 0], [0, 0], [0, pad]], constant_values=-np.inf)
+    shp = tf.shape(rows)
+    return tf.reduce_max(tf.reshape(rows, [shp[0], shp[1], (n + pad) // group, group]), axis=-1)
+
+
+def _top_desc(rows, k, group: int = 16, gmax=None):
     """The ``k`` largest entries of each row, sorted descending; exact.
 
     Two-stage selection: the k largest values of a row all lie in the k groups
@@ -329,22 +345,22 @@ def _top_desc(rows, k, group: int = 16):
         rows: float32 [B, R, N].
         k: int (or int32 scalar tensor when N is not static).
         group: int. Group size; 1 disables the two-stage selection.
+        gmax: optional [B, R, ceil(N/group)]; ``_group_max(rows, group)`` when
+            already computed (by the pass that made ``rows``).
 
     Returns:
         float32 [B, R, k].
     """
     n_static = rows.shape[-1]
-    use_groups = (
-        group > 1 and isinstance(k, int) and n_static is not None and k * group * 2 < n_static
-    )
-    if use_groups:
+    if _uses_groups(n_static, k, group):
         pad = (-n_static) % group
         if pad:
             rows = tf.pad(rows, [[0, 0], [0, 0], [0, pad]], constant_values=-np.inf)
         n_groups = (n_static + pad) // group
         shp = tf.shape(rows)
         grouped = tf.reshape(rows, [shp[0], shp[1], n_groups, group])
-        gmax = tf.reduce_max(grouped, axis=-1)  # [B,R,G]
+        if gmax is None:
+            gmax = tf.reduce_max(grouped, axis=-1)  # [B,R,G]
         gtop, idx = tf.math.top_k(gmax, k=min(k, n_groups), sorted=False)
         cand = tf.reshape(tf.gather(grouped, idx, batch_dims=2), [shp[0], shp[1], -1])
         bound = tf.reduce_min(gtop, axis=-1, keepdims=True)
@@ -439,20 +455,24 @@ def _od_and_stats(x, io, threshold, luminosity_threshold):
     return od, maskf, tf.reduce_sum(sums, axis=-1)
 
 
-def _angle_rows(od, maskf, plane):
+def _angle_rows(od, maskf, plane, group=0):
     """[B,2,N]: pseudo-angle of each tissue pixel in the stain plane (row 0) and its
-    negation (row 1), -inf outside the tissue; for the upper and lower tails."""
+    negation (row 1), -inf outside the tissue; for the upper and lower tails.
+    With ``group``, also their :func:`_group_max`."""
     px = tf.reduce_sum(od * plane[:, :, 0:1], axis=1)  # on the second eigenvector
     py = tf.reduce_sum(od * plane[:, :, 1:2], axis=1)  # on the largest
     p = pseudo_angle(px, py)
     m_inf = tf.where(maskf > 0.0, 0.0, -np.inf)
-    return tf.stack([p + m_inf, m_inf - p], axis=1)
+    rows = tf.stack([p + m_inf, m_inf - p], axis=1)
+    return (rows, _group_max(rows, group)) if group else rows
 
 
-def _concentrations(od, pinv):
-    """C = pinv(HE) OD: [B,2,3] x [B,3,N] -> [B,2,N], as three multiply-adds per pixel."""
+def _concentrations(od, pinv, group=0):
+    """C = pinv(HE) OD: [B,2,3] x [B,3,N] -> [B,2,N], as three multiply-adds per pixel.
+    With ``group``, also its :func:`_group_max`."""
     # (explicit slices, no new-axis indexing: grappler mis-shapes the latter here)
-    return pinv[:, :, 0:1] * od[:, 0:1] + pinv[:, :, 1:2] * od[:, 1:2] + pinv[:, :, 2:3] * od[:, 2:3]
+    c = pinv[:, :, 0:1] * od[:, 0:1] + pinv[:, :, 1:2] * od[:, 1:2] + pinv[:, :, 2:3] * od[:, 2:3]
+    return (c, _group_max(c, group)) if group else c
 
 
 def _recolour(od, m, io):
@@ -486,6 +506,13 @@ def _kernel(fn, xla: bool, **static):
         k = tf.function(lambda *a: fn(*a, **static), jit_compile=True, autograph=False)
         _KERNELS[key] = k
     return k
+
+
+def _small_matmul(a, b):
+    """``a @ b`` for batches of tiny matrices ([B,m,k] x [B,k,n], k, m, n <= 3) as a
+    broadcast multiply and sum: a batched GEMM call (oneDNN) costs ~20 us per call on
+    one thread and ~8x that when it splits such a batch over two threads."""
+    return tf.reduce_sum(tf.expand_dims(a, -1) * tf.expand_dims(b, -3), axis=-2)
 
 
 def _decompose_planar(
@@ -542,15 +569,18 @@ def _decompose_planar(
     # phi = atan2(projection on largest, projection on second). The alpha-th and
     # (100-alpha)-th percentiles are selected on a pseudo-angle (same order) and
     # only the selected values are turned into angles.
-    rows = _kernel(_angle_rows, xla)(od, maskf, plane)  # [B,2,N]
+    # In the XLA pass the selection's group maxima come with the rows (no extra pass).
     k_phi = _k_for(n_static, n_pix, min(alpha, 100.0 - alpha))
-    top_phi = _top_desc(rows, k_phi, select_group)
+    fuse_phi = select_group if xla and _uses_groups(n_static, k_phi, select_group) else 0
+    rows = _kernel(_angle_rows, xla, group=fuse_phi)(od, maskf, plane)  # [B,2,N] (+ maxima)
+    rows, gmax = rows if fuse_phi else (rows, None)
+    top_phi = _top_desc(rows, k_phi, select_group, gmax)
     phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle)
     phi_min = -_percentile_from_top(top_phi[:, 1], n_t, 100.0 - alpha,
                                     lambda v: -pseudo_angle_to_angle(-v))
 
     def vec(a):
-        return tf.linalg.matvec(plane, tf.stack([tf.cos(a), tf.sin(a)], axis=-1))
+        return tf.reduce_sum(plane * tf.expand_dims(tf.stack([tf.cos(a), tf.sin(a)], axis=-1), 1), -1)
 
     v_min, v_max = vec(phi_min), vec(phi_max)  # [B,3]
     h_first = (v_min[:, 0] > v_max[:, 0])[:, None]
@@ -559,18 +589,20 @@ def _decompose_planar(
     he = tf.stack([h, e], axis=-1)  # [B,3,2]
 
     # Closed-form least squares: pinv(HE) = (HE^T HE)^-1 HE^T.
-    g = tf.linalg.matmul(he, he, transpose_a=True)  # [B,2,2]
+    g = _small_matmul(tf.linalg.matrix_transpose(he), he)  # [B,2,2]
     det = g[:, 0, 0] * g[:, 1, 1] - g[:, 0, 1] * g[:, 1, 0]
     safe_det = tf.where(tf.abs(det) > 1e-12, det, 1.0)
     ginv = tf.stack(
         [tf.stack([g[:, 1, 1], -g[:, 0, 1]], -1), tf.stack([-g[:, 1, 0], g[:, 0, 0]], -1)], 1
     ) / safe_det[:, None, None]
-    pinv = tf.linalg.matmul(ginv, he, transpose_b=True)  # [B,2,3]
+    pinv = _small_matmul(ginv, tf.linalg.matrix_transpose(he))  # [B,2,3]
 
     # maxC: 99th percentile of each concentration row over all pixels.
-    conc = _kernel(_concentrations, xla)(od, pinv)  # [B,2,N]
     k_c = _k_for(n_static, n_pix, 100.0 - _MAXC_PERCENTILE)
-    top_c = _top_desc(conc, k_c, select_group)  # [B,2,k]
+    fuse_c = select_group if xla and _uses_groups(n_static, k_c, select_group) else 0
+    conc = _kernel(_concentrations, xla, group=fuse_c)(od, pinv)  # [B,2,N] (+ maxima)
+    conc, gmax = conc if fuse_c else (conc, None)
+    top_c = _top_desc(conc, k_c, select_group, gmax)  # [B,2,k]
     n_all = tf.fill([b], n_pix)
     max_c = tf.stack(
         [_percentile_from_top(top_c[:, i], n_all, _MAXC_PERCENTILE) for i in range(2)], -1
@@ -725,7 +757,7 @@ def _transform_batch(x, he_ref, mc_ref, io, kwargs):
     ok = dec["ok"]
     scale = mc_ref[None, :] / tf.where(ok[:, None], dec["max_c"], 1.0)  # [B,2]
     # out = io exp(-HE_ref diag(scale) pinv od): one 3x3 matrix per image.
-    m_t = tf.linalg.matmul(he_ref[None] * scale[:, None, :], dec["pinv"])  # [B,3,3]
+    m_t = _small_matmul(he_ref[None] * scale[:, None, :], dec["pinv"])  # [B,3,3]
     m_t = tf.where(ok[:, None, None], m_t, tf.zeros_like(m_t))
     out = _kernel(_recolour, xla, io=float(io))(dec["od"], -m_t)
     out = tf.reshape(out, tf.shape(x))

@@ -265,6 +265,30 @@ def test_top_desc_is_exact(group):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("n", [4000, 4003])
+def test_top_desc_with_group_maxima_from_an_xla_pass(n):
+    """The per-pixel XLA passes hand their group maxima to the selection (also
+    when N is not a multiple of the group: -inf padding); still exact."""
+    from histokd.stain.macenko import _group_max, _top_desc
+
+    rng = np.random.default_rng(2)
+    a = np.stack([rng.normal(size=n), np.arange(n, dtype=float)[::-1],
+                  np.where(rng.random(n) < 0.9, -np.inf, rng.normal(size=n))])[None].astype(np.float32)
+    gmax = tf.function(lambda r: _group_max(r, 16), jit_compile=True)(tf.constant(a))
+    assert gmax.shape == (1, 3, -(-n // 16))
+    got = _top_desc(tf.constant(a), 41, 16, gmax).numpy()[0]
+    np.testing.assert_array_equal(got, -np.sort(-a[0], axis=1)[:, :41])
+
+
+def test_small_matmul_equals_matmul():
+    from histokd.stain.macenko import _small_matmul
+
+    rng = np.random.default_rng(3)
+    for m, k, n in [(2, 3, 2), (2, 2, 3), (3, 2, 3)]:
+        a, b = rng.normal(size=(5, m, k)).astype(np.float32), rng.normal(size=(5, k, n)).astype(np.float32)
+        np.testing.assert_allclose(_small_matmul(tf.constant(a), tf.constant(b)).numpy(), a @ b, rtol=1e-5, atol=1e-6)
+
+
 def test_xla_and_tensorflow_kernels_agree():
     """The XLA-compiled per-pixel passes compute the same decomposition as
     TensorFlow's kernels (to float32 rounding)."""
