@@ -47,15 +47,20 @@ Speed. ``macenko_transform`` runs the batch in chunks of 8 tiles
 depend on its batch): the chunk's intermediates stay in cache and the two
 cores work on different chunks instead of synchronising on every op of one
 huge batch. ``scripts/bench_stain.py`` (256 Kather tiles 224x224, 2 cores,
-medians of 5 runs): 852 tiles/s (519 before the XLA passes, the
-pseudo-angle and the candidate bound; 569 with ``HISTOKD_MACENKO_XLA=0``);
-torchstain torch 232, numpy 150, tensorflow 28, macenko-pca 138 tiles/s in
-the same run, i.e. 3.7x the fastest peer; floor pass 2,703. The issue's target
-(>= 1,000 tiles/s, >= 5x the fastest peer) is NOT reached. Per 8-tile chunk on
-one core the step now costs ~11 ms: ~40 % the four exact selections (two
-angle tails, maxC of H and E), ~20 % the OD/covariance pass (ten sums over
-the pixels, which XLA's CPU backend does not vectorise well), ~15 % the
-other three passes. Measured and rejected (on CPU time, same run): OD and
+medians of 5 runs, three runs): 847-1,038 tiles/s, median 1,024 (519 before the
+XLA passes, the pseudo-angle and the candidate bound); torchstain torch 235-274,
+numpy 123-165, tensorflow 31, macenko-pca 164-182 tiles/s in the same runs, i.e.
+3.2-4.4x the fastest peer; floor pass ~1,690. A process settles either at ~1,030
+(1.85 CPU ms per tile) or at ~830 tiles/s (2.25 ms; cause not pinned down: one
+chunk in flight always gave ~830, four gave both modes); the unchunked graph runs
+at 910-990. The issue's
+target (>= 1,000 tiles/s *and* >= 5x the fastest peer) is NOT reached. Per 8-tile
+chunk on one core the step costs ~10 ms: ~45 % the four exact selections (two
+angle tails, maxC of H and E; TensorFlow ``top_k``), ~40 % the four per-pixel
+passes. The group maxima of the selection come out of the XLA passes, and the
+per-image 2x2/3x3 matrix products are broadcast sums: a oneDNN batched GEMM call
+on such tiny matrices cost ~20 us on one thread and ~8x that when split over two
+(+5 % end to end, paired in one process). Measured and rejected (on CPU time, same run): OD and
 recolouring through 256-entry lookup tables (``tf.gather`` is 2-5x slower
 than ``log``/``exp`` here); per-image histograms (``bincount``/
 ``unsorted_segment_sum`` cost more than the selections they would replace);
