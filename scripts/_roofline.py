@@ -15,6 +15,16 @@ numbers that answer it:
   (oneDNN / Eigen) that convolutions and matrix products run on; a step that
   already runs at a large fraction of it can only get faster by doing less
   arithmetic or by using lower precision.
+* :func:`kernel_time` — the time the step's own dense kernels take alone: every
+  matrix product and convolution of the traced graph (forward and gradient ops,
+  with their real shapes, transposes, strides and groups) is re-run in isolation,
+  one after another, with this machine's TensorFlow kernels, and the times are
+  summed over the step. Where the 4096² GEMM rate is an optimistic peak (small or
+  thin products run slower), this is the practical floor of *this* step: whatever
+  the framework does around the kernels, a step that runs its kernels one by one
+  takes at least this long. (Two branches running concurrently on one thread each
+  can beat it slightly, since a kernel split over two threads is less efficient
+  than two kernels on one thread each.)
 
 Example:
     >>> flops = graph_flops(tf.function(model), tf.TensorSpec([4, 256, 256, 3], tf.uint8))
@@ -24,8 +34,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from typing import Dict, List, Tuple
+
+# Dense kernels re-timed by kernel_time: matrix products and convolutions with their gradients.
+DENSE_OPS = (
+    "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum",
+    "Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter",
+    "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
+    "DepthwiseConv2dNativeBackpropFilter",
+    "Conv3D", "Conv3DBackpropInputV2", "Conv3DBackpropFilterV2",
+)
 
 
 def graph_flops(fn, *input_signature) -> int:
@@ -73,3 +94,194 @@ def ceiling_line(what: str, flops_per_item: float, peak: float, unit: str) -> st
     return (f"{what}: {flops_per_item / 1e9:.2f} GFLOP per {unit} (TensorFlow profiler); float32 GEMM "
             f"on this machine {peak:.0f} GFLOP/s (TF, 4096², median of 5) -> at most "
             f"{peak * 1e9 / flops_per_item:.2f} {unit}s/s at 100 % of it")
+
+
+def _graph_of(fn, *input_signature):
+    return fn.get_concrete_function(*input_signature).graph
+
+
+def dense_kernels(fn, *input_signature) -> List[Dict]:
+    """The distinct dense kernels (:data:`DENSE_OPS`) of one call of ``fn``, with how often each runs.
+
+    Args:
+        fn: ``tf.function`` (its graph, gradient ops included when it computes gradients,
+            is traced for ``input_signature``).
+        *input_signature: ``tf.TensorSpec`` (or tensors) for its positional arguments.
+
+    Returns:
+        list of dicts ``{"type", "shapes", "count", "flops", "call"}``: ``call`` is a
+        zero-argument ``tf.function`` that runs the kernel once on random inputs of the
+        same shapes with the same attributes; ``flops`` the registered float operations
+        of one run (TensorFlow's statistics, 2·m·k·n for products). Kernels whose input
+        shapes are not static are skipped.
+    """
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+
+    graph = _graph_of(fn, *input_signature)
+    live = _live_ops(graph)
+    found: Dict[Tuple, Dict] = {}
+    for op in graph.get_operations():
+        if op.type not in DENSE_OPS:
+            continue
+        if op.name not in live:
+            continue
+        shapes, consts = [], []
+        for t in op.inputs:
+            value = None
+            if t.dtype.is_integer:  # sizes (input_sizes, filter_sizes): need their static value
+                value = _static_int(t)
+                if value is None:
+                    break
+            elif not t.shape.is_fully_defined():
+                break
+            shapes.append(tuple(t.shape.as_list()) if value is None else ("const", tuple(np.ravel(value))))
+            consts.append(value)
+        else:
+            op_def = op.op_def
+            inferred = {a for arg in op_def.input_arg for a in (arg.type_attr, arg.number_attr, arg.type_list_attr) if a}
+            attrs = {}
+            for name in sorted(op.node_def.attr):
+                if name.startswith("_") or name in inferred:
+                    continue
+                value = op.get_attr(name)
+                if isinstance(value, bytes):
+                    value = value.decode()
+                elif isinstance(value, list):
+                    value = [v.decode() if isinstance(v, bytes) else v for v in value]
+                attrs[name] = value
+            key = (op.type, tuple(shapes), repr(sorted(attrs.items())))
+            entry = found.get(key)
+            if entry is None:
+                flops = _matmul_flops(op) if "MatMul" in op.type else None
+                if flops is None:
+                    try:
+                        flops = int(tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0)
+                    except (ValueError, KeyError, TypeError):
+                        flops = 0
+                entry = found[key] = {
+                    "type": op.type,
+                    "shapes": [s for s in shapes if s and s[0] != "const"],
+                    "count": 0,
+                    "flops": flops,
+                    "call": _kernel_call(op.type, [a.name for a in op_def.input_arg],
+                                         [t.dtype for t in op.inputs], shapes, consts, attrs),
+                }
+            entry["count"] += 1
+    return list(found.values())
+
+
+def _matmul_flops(op):
+    """2·batch·m·k·n of a (batched) matrix product, transposes/adjoints included."""
+    a, b = (t.shape.as_list() for t in op.inputs[:2])
+    ta = op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
+    tb = op.get_attr("transpose_b" if op.type == "MatMul" else "adj_y")
+    m, k = (a[-1], a[-2]) if ta else (a[-2], a[-1])
+    n = b[-2] if tb else b[-1]
+    batch = max(math.prod(a[:-2]), math.prod(b[:-2])) if len(a) > 2 or len(b) > 2 else 1
+    return 2 * batch * m * k * n
+
+
+def _static_int(t):
+    """Static value of an integer tensor, including ``Shape``/``ShapeN`` of a static-shape tensor."""
+    import numpy as np
+    import tensorflow as tf
+
+    if t.op.type in ("Shape", "ShapeN"):
+        src = t.op.inputs[t.value_index if t.op.type == "ShapeN" else 0]
+        if src.shape.is_fully_defined():
+            return np.asarray(src.shape.as_list(), dtype=t.dtype.as_numpy_dtype)
+    return tf.get_static_value(t)
+
+
+def _live_ops(graph) -> set:
+    """Names of the ops a call really runs: those the outputs or a stateful op (variable
+    update, optimizer step) depend on. The traced graph also holds gradient ops nobody
+    consumes (e.g. the gradient w.r.t. the input images), which the runtime prunes."""
+    roots = [t.op for t in graph.outputs] + list(getattr(graph, "control_outputs", []))
+    roots += [op for op in graph.get_operations()
+              if op.op_def.is_stateful and op.type not in ("ReadVariableOp", "VarHandleOp", "Placeholder")]
+    live, stack = set(), list(roots)
+    while stack:
+        op = stack.pop()
+        if op.name in live:
+            continue
+        live.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return live
+
+
+def _kernel_call(op_type, arg_names, dtypes, shapes, consts, attrs):
+    """A ``tf.function`` that runs ``tf.raw_ops.<op_type>`` ``reps`` times one after another."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for name, dtype, shape, const in zip(arg_names, dtypes, shapes, consts):
+        if const is not None:
+            inputs[name] = tf.constant(const, dtype=dtype)
+        else:
+            inputs[name] = tf.constant(rng.standard_normal(shape).astype(dtype.as_numpy_dtype))
+    raw = getattr(tf.raw_ops, op_type)
+
+    @tf.function(autograph=False)
+    def call(reps):
+        # one element of each result is carried to the next run: a data dependency, so
+        # the runs go one after another and none can be pruned or hoisted
+        def body(i, acc):
+            out = raw(**inputs, **attrs)
+            return i + 1, acc + tf.cast(tf.reshape(out, [-1])[0], tf.float32)
+
+        return tf.while_loop(lambda i, acc: i < reps, body, (tf.constant(0), tf.constant(0.0)),
+                             parallel_iterations=1)[1]
+
+    return call
+
+
+def time_kernel(call, target_s: float = 0.1, repeats: int = 3) -> float:
+    """Median seconds of one run of a :func:`dense_kernels` ``call`` (runs batched so that
+    one timed call lasts about ``target_s``; the loop adds a few microseconds per run)."""
+    import tensorflow as tf
+
+    call(tf.constant(1)).numpy()  # trace + warm-up
+    t0 = time.perf_counter()
+    call(tf.constant(1)).numpy()
+    one = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max(math.ceil(target_s / one), 3), 500))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call(tf.constant(reps)).numpy()
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def kernel_time(fn, *input_signature, target_s: float = 0.1, verbose: bool = False) -> Dict:
+    """Seconds per call of ``fn`` spent in its dense kernels when each runs alone (see module doc).
+
+    Returns:
+        dict with ``seconds`` (sum over kernels of count × isolated time), ``flops`` (their
+        float operations), ``kernels`` (number of kernel launches) and ``distinct``.
+    """
+    kernels = dense_kernels(fn, *input_signature)
+    total = flops = launches = 0
+    for k in kernels:
+        t = time_kernel(k["call"], target_s)
+        total += k["count"] * t
+        flops += k["count"] * k["flops"]
+        launches += k["count"]
+        if verbose:
+            rate = k["flops"] / t / 1e9 if k["flops"] else float("nan")
+            print(f"  {k['type']:<28} {str(k['shapes']):<44} x{k['count']:<3} {t * 1e3:8.3f} ms {rate:6.0f} GFLOP/s")
+    return {"seconds": total, "flops": flops, "kernels": launches, "distinct": len(kernels)}
+
+
+def kernel_line(what: str, kt: Dict, items_per_call: float, unit: str) -> str:
+    """One line: the kernels' time per call and the rate it allows."""
+    rate = kt["flops"] / kt["seconds"] / 1e9 if kt["seconds"] else float("nan")
+    return (f"{what}: its {kt['kernels']} dense kernels ({kt['distinct']} distinct), each re-run alone, take "
+            f"{kt['seconds'] * 1e3:.0f} ms per call ({rate:.0f} GFLOP/s) -> at most "
+            f"{items_per_call / kt['seconds']:.2f} {unit}s/s with nothing else in the step")

@@ -34,7 +34,11 @@ is printed before and after. The table also gives each side's arithmetic rate: t
 step's float operations per image (TensorFlow profiler on the traced histokd graph;
 the transformers model computes the same function) times images/s, as GFLOP/s and as
 a share of this machine's float32 GEMM rate measured in the same run
-(``scripts/_roofline.py``).
+(``scripts/_roofline.py``), and each mode's kernel floor: every matrix product and
+convolution of histokd's traced graph (gradients included for ``train``) re-run
+alone with its real shapes, one after another, summed — the images/s the mode would
+reach if nothing but those kernels ran (``--no-kernels`` skips it). The transformers
+model runs the same products on the same oneDNN library, so the floor bounds both.
 
 On a shared, oversubscribed CPU, PyTorch's OpenMP pool with 2 threads slows down far more
 than TensorFlow's thread pools (it can fall below its own 1-thread speed), which inflates the
@@ -83,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--torch-in-process", action="store_true",
                    help="run PyTorch in the TensorFlow process (default: its own process)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--no-kernels", action="store_true", help="skip timing each mode's dense kernels alone")
     p.add_argument("--stock-adam", action="store_true",
                    help="histokd side with keras.optimizers.Adam instead of histokd.train.FusedAdam")
     args = p.parse_args(argv)
@@ -304,7 +309,7 @@ def main(argv=None):
     torch_side = TorchSide(args.torch_threads) if args.torch_in_process else TorchProxy(args.torch_threads)
     tf = _tf_setup(args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _roofline import format_rate, gemm_rate, graph_flops
+    from _roofline import format_rate, gemm_rate, graph_flops, kernel_time
 
     print(f"cpu: {os.cpu_count()} logical cores; {load_average()} (start)")
     print(_tf_info(tf))
@@ -324,6 +329,13 @@ def main(argv=None):
             spec = tf.TensorSpec(ours.x.shape, ours.x.dtype)
             flops = {m: graph_flops(ours.fns[m], spec) / args.batch for m in args.modes}
             print("  work per image: " + ", ".join(f"{m} {v / 1e9:.2f} GFLOP" for m, v in flops.items()))
+            floors = {}
+            if not args.no_kernels:
+                for m in args.modes:
+                    kt = kernel_time(ours.fns[m], spec)
+                    floors[m] = args.batch / kt["seconds"]
+                    print(f"  {m}: {kt['kernels']} dense kernels ({kt['distinct']} distinct), each re-run alone: "
+                          f"{kt['seconds'] * 1e3:.0f} ms per batch -> floor {floors[m]:.2f} img/s")
             for mode in args.modes:
                 our_modes = [mode] + ([mode + "_xla"] if args.xla else [])
                 for m in our_modes:
@@ -339,7 +351,8 @@ def main(argv=None):
                 for m in our_modes:
                     ratios = [a / b for a, b in zip(ips[m], ips["torch"])]
                     rows.append((name, m, statistics.median(ips[m]), statistics.median(ips["torch"]),
-                                 statistics.median(ratios), min(ratios), max(ratios), flops[mode]))
+                                 statistics.median(ratios), min(ratios), max(ratios), flops[mode],
+                                 floors.get(mode)))
                     print("  %-12s %-12s histokd %6.2f img/s  torch %6.2f img/s  ratio %.2f (%.2f-%.2f)"
                           % rows[-1][:7], flush=True)
             del ours
@@ -349,12 +362,15 @@ def main(argv=None):
     print(f"\n{load_average()} (end)")
     peak = gemm_rate()
     print(f"float32 GEMM on this machine: {peak:.0f} GFLOP/s (TensorFlow, 4096², median of 5)")
-    print("| model | mode | histokd img/s | torch img/s | ratio (median, min-max) | histokd rate | torch rate |")
-    print("|---|---|---:|---:|---|---|---|")
-    for name, mode, ours_ips, torch_ips, ratio, lo, hi, fl in rows:
+    print("| model | mode | histokd img/s | torch img/s | ratio (median, min-max) | histokd rate | torch rate "
+          "| kernel floor img/s (histokd, torch share) |")
+    print("|---|---|---:|---:|---|---|---|---|")
+    for name, mode, ours_ips, torch_ips, ratio, lo, hi, fl, floor in rows:
         flag = "" if ratio >= 1.2 else " (below 1.2)"
+        fl_txt = (f"{floor:.2f} ({100 * ours_ips / floor:.0f} %, {100 * torch_ips / floor:.0f} %)"
+                  if floor else "-")
         print(f"| {name} | {mode} | {ours_ips:.2f} | {torch_ips:.2f} | {ratio:.2f} ({lo:.2f}-{hi:.2f}){flag} | "
-              f"{format_rate(fl, ours_ips, peak)} | {format_rate(fl, torch_ips, peak)} |")
+              f"{format_rate(fl, ours_ips, peak)} | {format_rate(fl, torch_ips, peak)} | {fl_txt} |")
     return rows
 
 

@@ -23,8 +23,10 @@ per-round paired speed ratio to ``torch_cl``, and each variant's arithmetic rate
 the forward graph's float operations per tile (TensorFlow profiler; the torch
 model computes the same) times tiles/s, as GFLOP/s and as a share of this
 machine's float32 GEMM rate measured in the same run (``scripts/_roofline.py``).
-The line above the table gives the tiles/s a forward pass would reach at 100 %
-of that rate.
+The lines above the table give the tiles/s a forward pass would reach at 100 %
+of that rate, and its kernel floor: every convolution of the fused forward graph
+re-run alone with its real shapes, one after another, summed — the tiles/s if
+nothing but those kernels ran (``--no-kernels`` skips it).
 
 Usage::
 
@@ -192,13 +194,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--extra", action="store_true", help="also time the XLA-compiled variant")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-kernels", action="store_true", help="skip timing the forward's dense kernels alone")
     args = ap.parse_args(argv)
 
     import histokd  # noqa: F401  (sets the Keras backend)
     import tensorflow as tf
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _roofline import ceiling_line, format_rate, gemm_rate, graph_flops
+    from _roofline import ceiling_line, format_rate, gemm_rate, graph_flops, kernel_line, kernel_time
 
     from histokd.nuclei.checkpoint import load_state_dict_into
     from histokd.nuclei.hovernet import HoVerNet, fuse_batchnorm
@@ -276,6 +279,9 @@ def main(argv=None):
     print(f"load average at the end: {load:.1f} (other processes share the cores: compare ratios)")
     peak = gemm_rate()
     print(ceiling_line("forward", flops_tile, peak, "tile"))
+    if not args.no_kernels:
+        kt = kernel_time(f_fused, tf.TensorSpec([args.batch, 256, 256, 3], tf.uint8))
+        print(kernel_line("kernel floor of the fused forward", kt, args.batch, "tile"))
     print(f"{'variant':<13} {'s/batch median (min–max)':>27} {'tiles/s':>8} {'× torch_cl (paired)':>20} "
           f"{'CPU s/batch':>12} {'max|Δ|/std vs oracle':>21}  arithmetic rate")
     base = times.get("torch_cl")

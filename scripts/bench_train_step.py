@@ -37,7 +37,12 @@ The table also gives each variant's arithmetic rate: the float operations of one
 step (TensorFlow profiler on ``keras_bare``'s traced step; the other variants run
 the same convolutions and matrix products) per view times views/s, as GFLOP/s and
 as a share of this machine's float32 GEMM rate measured in the same run
-(``scripts/_roofline.py``).
+(``scripts/_roofline.py``). A line under the table gives the step's
+kernel floor: every convolution and matrix product of that step (forward and
+gradients, real shapes) re-run alone, one after another, and summed — the time
+the step would take if nothing but its dense kernels ran; the column "of floor" is
+each variant's speed as a share of the speed that floor allows (``--no-kernels``
+skips it).
 
 XLA (``jit_compile``) is off: on this CPU it made the step ~4× slower. Each
 round runs ``--steps`` steps per variant after ``--warmup`` steps; the table
@@ -84,6 +89,7 @@ def parse_args(argv=None):
                    help="run PyTorch in the TF process (default: its own process, rounds still interleaved)")
     p.add_argument("--jit", action="store_true", help="XLA jit_compile for the Keras variants (slow on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--no-kernels", action="store_true", help="skip timing the step's dense kernels alone")
     args = p.parse_args(argv)
     if args.variants:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -482,12 +488,14 @@ def main(argv=None):
             f"{v}={views_per_step * args.steps / times[v][-1]:.1f}" for v in runners), flush=True)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _roofline import format_rate, gemm_rate, graph_flops
+    from _roofline import format_rate, gemm_rate, graph_flops, kernel_line, kernel_time
 
-    flops_view = None
+    flops_view = kt = None
     if "keras_bare" in runners:
         spec = tf.TensorSpec(views[0].shape, tf.float32)
         flops_view = graph_flops(runners["keras_bare"].step, spec, spec) / views_per_step
+        if not args.no_kernels:
+            kt = kernel_time(runners["keras_bare"].step, spec, spec)
     peak = gemm_rate()
 
     ref = "torch_eager" if "torch_eager" in runners else None
@@ -516,19 +524,23 @@ def main(argv=None):
 
     print()
     header = (f"| {'variant':<21} | {'views/s (median)':>16} | {'min–max':>13} | {'ms/step':>8} | "
-              f"{'CPU ms/step':>11} | {'× torch_eager':>13} | {'× keras_bare':>12} | arithmetic rate |")
+              f"{'CPU ms/step':>11} | {'× torch_eager':>13} | {'× keras_bare':>12} | of floor | arithmetic rate |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for row in rows:
         rt = f"{row['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in row else "-"
         rb = f"{row['ratio_vs_bare']:.2f}" if "ratio_vs_bare" in row else "-"
+        floor = f"{100 * row['views_per_s'] * kt['seconds'] / views_per_step:.0f} %" if kt else "-"
         print(f"| {row['variant']:<21} | {row['views_per_s']:>16.1f} | "
               f"{row['min']:>6.1f}–{row['max']:<6.1f} | {row['step_ms']:>8.0f} | "
               f"{row['cpu_ms_per_step']:>11.0f} | {rt:>13} | {rb:>12} | "
+              f"{floor:>8} | "
               f"{format_rate(flops_view, row['views_per_s'], peak) if flops_view else '-'} |")
     if flops_view:
         print(f"work: {flops_view / 1e9:.2f} GFLOP per view (TensorFlow profiler, keras_bare step); "
               f"float32 GEMM on this machine {peak:.0f} GFLOP/s (TF, 4096², median of 5)")
+    if kt:
+        print(kernel_line("kernel floor of the step (keras_bare graph)", kt, views_per_step, "view"))
     traced = [f"{r['variant']}={r['traces']}" for r in rows if r["traces"] is not None]
     if traced:
         print("tf.function traces of the train step: " + ", ".join(traced))
