@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import ops
 
 from histokd.errors import ConfigError
+from histokd.layers.heads import thin_dense
 from histokd.losses.moby import moby_loss, momentum_schedule
 from histokd.methods.base import gather_across_replicas, unpack
 from histokd.registry import METHODS
@@ -67,8 +68,8 @@ class MoBYMLP(keras.layers.Layer):
 
     def call(self, x, training=None):
         for dense, norm in zip(self.hidden, self.norms):
-            x = ops.relu(norm(dense(x), training=training))
-        return self.out(x)
+            x = ops.relu(norm(thin_dense(x, dense), training=training))
+        return thin_dense(x, self.out)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.out_dim,)

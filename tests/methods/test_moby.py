@@ -216,8 +216,12 @@ def test_mirrored_equals_one_device():
     flat2 = np.concatenate([g.ravel() for g in g2])
     assert np.linalg.norm(flat1) > 0
     assert np.linalg.norm(flat1 - flat2) <= 1e-4 * np.linalg.norm(flat1)  # float32 summation order only
-    for name in ("queue1", "queue2"):  # keys of both steps, gathered in replica order
-        np.testing.assert_allclose(np.array(getattr(m1, name)), np.array(getattr(m2, name)), atol=1e-4,
+    # keys of both steps, gathered in replica order; step 2's keys come after one SGD step
+    # (lr 0.1) of float32 noise: the products' summation order depends on the per-replica
+    # batch (e.g. thin_dense's input gradient), which moves these unit vectors by up to
+    # ~1e-4; a wrong gather order or a missing replica moves them by O(1)
+    for name in ("queue1", "queue2"):
+        np.testing.assert_allclose(np.array(getattr(m1, name)), np.array(getattr(m2, name)), atol=5e-4,
                                    err_msg=f"{name} differs")
     assert int(m1.queue_ptr.numpy()) == int(m2.queue_ptr.numpy()) == 0
     for (_, a), (_, b) in zip(m1._ema_pairs(), m2._ema_pairs()):
