@@ -159,12 +159,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=float(self.epsilon), exponential_avg_factor=1.0,
             data_format="NHWC", is_training=True,
         )
-        # The op returns the unbiased (Bessel-corrected) variance; Keras keeps the biased one.
-        n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        variance = variance * tf.maximum(n - 1.0, 1.0) / n
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        # The op returns the unbiased (Bessel-corrected) variance; Keras keeps the biased
+        # one: biased = unbiased * (n - 1) / n. Keras' update m * old + (1 - m) * new is
+        # written old -= (1 - m) * (old - new), with the Bessel factor folded into the
+        # constant: a ResNet-50 step has ~100 of these updates, and at ~16 small ops each
+        # their per-op overhead was ~2 % of the step; this is 7 ops (same values to 1 ulp).
+        rate = 1.0 - float(self.momentum)
+        static_n = 1
+        for d in x.shape[:-1]:
+            static_n = static_n * d if (d is not None and static_n is not None) else None
+        if static_n is not None:
+            bessel = max(static_n - 1, 1) / static_n
+        else:
+            n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+            bessel = tf.maximum(n - 1.0, 1.0) / n
+        self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
+        self.moving_variance.assign_sub(self.moving_variance * rate - variance * (bessel * rate))
         return tf.cast(y, self.compute_dtype)
 
 

@@ -37,21 +37,23 @@ def test_vicreg_symmetric_and_zero_invariance():
     assert float(vicreg_terms(a, a)["invariance"]) == 0.0
 
 
-def test_vicreg_matches_masked_covariance_formula_values_and_gradients():
-    """The covariance diagonal comes from the variances; check against C ⊙ (1 − I)."""
+@pytest.mark.parametrize("n,d", [(32, 64), (80, 16), (16, 16)])  # [N,N] Gram, [D,D], [D,D]
+def test_vicreg_matches_masked_covariance_formula_values_and_gradients(n, d):
+    """The covariance diagonal comes from the variances and Σ C² from the smaller Gram
+    matrix; check both against the textbook C ⊙ (1 − I) on the [D, D] covariance."""
     import tensorflow as tf
 
     rng = np.random.default_rng(3)
-    a = tf.constant(rng.standard_normal((32, 64)).astype("float32"))
-    b = tf.constant((rng.standard_normal((32, 64)) * 0.3 + 0.1).astype("float32"))
-    off_mask = 1.0 - tf.eye(64)
+    a = tf.constant(rng.standard_normal((n, d)).astype("float32"))
+    b = tf.constant((rng.standard_normal((n, d)) * 0.3 + 0.1).astype("float32"))
+    off_mask = 1.0 - tf.eye(d)
 
     def reference(za, zb):
         def var_cov(z):
             zc = z - tf.reduce_mean(z, 0, keepdims=True)
-            cov = tf.matmul(zc, zc, transpose_a=True) / 31.0
+            cov = tf.matmul(zc, zc, transpose_a=True) / float(n - 1)
             std = tf.sqrt(tf.linalg.diag_part(cov) + 1e-4)
-            return tf.reduce_mean(tf.nn.relu(1.0 - std)), tf.reduce_sum(tf.square(cov * off_mask)) / 64.0
+            return tf.reduce_mean(tf.nn.relu(1.0 - std)), tf.reduce_sum(tf.square(cov * off_mask)) / float(d)
         va, ca = var_cov(za)
         vb, cb = var_cov(zb)
         return 25.0 * tf.reduce_mean(tf.square(za - zb)) + 25.0 * 0.5 * (va + vb) + (ca + cb)
@@ -63,6 +65,22 @@ def test_vicreg_matches_masked_covariance_formula_values_and_gradients():
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
     for g_ours, g_ref in zip(tape.gradient(ours, [a, b]), tape.gradient(ref, [a, b])):
         np.testing.assert_allclose(g_ours.numpy(), g_ref.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_covariance_square_sum_through_the_smaller_gram_matrix():
+    """||ZᵀZ||²_F = ||ZZᵀ||²_F, and the [N, N] product is the one built when N < D."""
+    import tensorflow as tf
+
+    from histokd.losses.vicreg import _cov_sq_sum
+
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((8, 300))
+    expected = float(np.sum((z.T @ z) ** 2))
+    assert float(_cov_sq_sum(tf.constant(z, tf.float32))) == pytest.approx(expected, rel=1e-5)
+    graph = tf.function(_cov_sq_sum).get_concrete_function(tf.TensorSpec((8, 300), tf.float32)).graph
+    shapes = [tuple(op.outputs[0].shape) for op in graph.get_operations()
+              if op.type in ("MatMul", "BatchMatMulV2", "BatchMatMulV3")]
+    assert shapes == [(8, 8)]
 
 
 def test_ntxent_hand_computed():
