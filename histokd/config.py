@@ -262,6 +262,10 @@ class TrainConfig:
         strategy: str. ``auto``, ``one_device``, ``mirrored`` or ``multi_worker``.
         mixed_precision: str. Optional Keras dtype policy, e.g. ``mixed_bfloat16``.
         jit_compile: bool. XLA; slower on CPU, so off by default.
+        cpu_threads: str. TensorFlow's CPU thread pools: ``auto`` (without GPUs, a
+            two-view method runs each view's encoder on its own half of the cores:
+            intra-op = cores // 2, inter-op = 2), ``default`` (TensorFlow's) or
+            ``"INTRA,INTER"``. See :func:`histokd.train.cpu_thread_plan`.
         checkpoint_every: int. Steps between resumable backups (0: every epoch).
         collapse_threshold: float. Normalised embedding std below which a run is collapsed.
         seed: int. Global seed.
@@ -277,6 +281,7 @@ class TrainConfig:
     strategy: str = "auto"
     mixed_precision: Optional[str] = None
     jit_compile: bool = False
+    cpu_threads: str = "auto"
     checkpoint_every: int = 0
     collapse_threshold: float = 0.02
     seed: int = 0
@@ -438,6 +443,23 @@ def _build(cls, data: dict, where: str):
     return obj
 
 
+def parse_cpu_threads(setting) -> "tuple[int, int] | str":
+    """``train.cpu_threads`` → ``"auto"``, ``"default"`` or ``(intra, inter)``.
+
+    Raises:
+        ConfigError: anything else, with the accepted forms.
+    """
+    text = str(setting).strip().lower()
+    if text in ("auto", "default"):
+        return text
+    parts = text.replace(" ", "").split(",")
+    if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise ConfigError(
+        f"train.cpu_threads must be 'auto', 'default' or 'INTRA,INTER' (two positive integers, "
+        f"e.g. '1,2'), got {setting!r}")
+
+
 def _validate(cfg: RunConfig):
     for path, allowed in CHOICES.items():
         obj = cfg
@@ -450,6 +472,7 @@ def _validate(cfg: RunConfig):
         raise ConfigError("train.epochs must be >= 1 and train.batch_size >= 2 (batch-statistic losses need 2+ samples)")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    parse_cpu_threads(t.cpu_threads)
     if cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
     if cfg.views.downsample is not None and cfg.views.downsample < 1:

@@ -22,9 +22,11 @@ numbers that answer it:
   summed over the step. Where the 4096² GEMM rate is an optimistic peak (small or
   thin products run slower), this is the practical floor of *this* step: whatever
   the framework does around the kernels, a step that runs its kernels one by one
-  takes at least this long. (Two branches running concurrently on one thread each
-  can beat it slightly, since a kernel split over two threads is less efficient
-  than two kernels on one thread each.)
+  takes at least this long. When the process runs kernels side by side
+  (``histokd train``'s thread plan on a CPU: intra-op ``cores // 2``, inter-op 2,
+  one encoder chain per view), the kernels are timed with those smaller pools and
+  the sum is divided by the number of kernels that can run at once
+  (:func:`concurrent_slots`): the floor of a perfectly overlapped step.
 
 Example:
     >>> flops = graph_flops(tf.function(model), tf.TensorSpec([4, 256, 256, 3], tf.uint8))
@@ -67,8 +69,32 @@ def graph_flops(fn, *input_signature) -> int:
     return int(model_analyzer.profile(graph, options=opts).total_float_ops)
 
 
+def concurrent_slots() -> int:
+    """Kernels this process can run at once: cores // intra-op threads, at most the
+    inter-op threads (1 with TensorFlow's default pools)."""
+    import os
+
+    import tensorflow as tf
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return slots_for(cores, tf.config.threading.get_intra_op_parallelism_threads(),
+                     tf.config.threading.get_inter_op_parallelism_threads())
+
+
+def slots_for(cores: int, intra: int, inter: int) -> int:
+    """:func:`concurrent_slots` for given pool sizes (0 = TensorFlow's default: all cores)."""
+    intra = intra or cores
+    inter = inter or cores
+    return max(1, min(inter, cores // max(intra, 1)))
+
+
 def gemm_rate(n: int = 4096, runs: int = 5) -> float:
-    """Median GFLOP/s of an ``n × n × n`` float32 matrix product in TensorFlow (after one warm-up)."""
+    """Median GFLOP/s of an ``n × n × n`` float32 matrix product in TensorFlow (after one
+    warm-up), times :func:`concurrent_slots` (the machine's rate when the process runs
+    single-pool products side by side)."""
     import tensorflow as tf
 
     a = tf.random.normal([n, n], seed=1)
@@ -80,7 +106,7 @@ def gemm_rate(n: int = 4096, runs: int = 5) -> float:
         t0 = time.perf_counter()
         mm(a, b).numpy()
         rates.append(2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return statistics.median(rates)
+    return statistics.median(rates) * concurrent_slots()
 
 
 def format_rate(flops_per_item: float, items_per_s: float, peak: float) -> str:
@@ -263,8 +289,9 @@ def kernel_time(fn, *input_signature, target_s: float = 0.1, verbose: bool = Fal
     """Seconds per call of ``fn`` spent in its dense kernels when each runs alone (see module doc).
 
     Returns:
-        dict with ``seconds`` (sum over kernels of count × isolated time), ``flops`` (their
-        float operations), ``kernels`` (number of kernel launches) and ``distinct``.
+        dict with ``seconds`` (sum over kernels of count × isolated time, divided by
+        :func:`concurrent_slots`), ``flops`` (their float operations), ``kernels``
+        (number of kernel launches), ``distinct`` and ``slots``.
     """
     kernels = dense_kernels(fn, *input_signature)
     total = flops = launches = 0
@@ -276,12 +303,16 @@ def kernel_time(fn, *input_signature, target_s: float = 0.1, verbose: bool = Fal
         if verbose:
             rate = k["flops"] / t / 1e9 if k["flops"] else float("nan")
             print(f"  {k['type']:<28} {str(k['shapes']):<44} x{k['count']:<3} {t * 1e3:8.3f} ms {rate:6.0f} GFLOP/s")
-    return {"seconds": total, "flops": flops, "kernels": launches, "distinct": len(kernels)}
+    slots = concurrent_slots()
+    return {"seconds": total / slots, "flops": flops, "kernels": launches, "distinct": len(kernels),
+            "slots": slots}
 
 
 def kernel_line(what: str, kt: Dict, items_per_call: float, unit: str) -> str:
     """One line: the kernels' time per call and the rate it allows."""
     rate = kt["flops"] / kt["seconds"] / 1e9 if kt["seconds"] else float("nan")
-    return (f"{what}: its {kt['kernels']} dense kernels ({kt['distinct']} distinct), each re-run alone, take "
+    alone = "each re-run alone" if kt.get("slots", 1) == 1 else (
+        f"each re-run alone on this process's intra-op pool, {kt['slots']} at a time")
+    return (f"{what}: its {kt['kernels']} dense kernels ({kt['distinct']} distinct), {alone}, take "
             f"{kt['seconds'] * 1e3:.0f} ms per call ({rate:.0f} GFLOP/s) -> at most "
             f"{items_per_call / kt['seconds']:.2f} {unit}s/s with nothing else in the step")

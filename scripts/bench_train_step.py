@@ -44,6 +44,13 @@ the step would take if nothing but its dense kernels ran; the column "of floor" 
 each variant's speed as a share of the speed that floor allows (``--no-kernels``
 skips it).
 
+Thread pools: by default the TensorFlow process uses what ``histokd train`` sets
+for this step (``train.cpu_threads=auto``, :func:`histokd.train.cpu_thread_plan`:
+on a CPU, intra-op ``cores // 2`` and inter-op 2, so the two views' encoder chains
+run side by side, one per group of cores); ``--threads tf`` keeps TensorFlow's
+defaults, ``--intra``/``--inter`` set them. PyTorch runs with
+``torch.set_num_threads(cores)`` (eager mode runs one op at a time).
+
 XLA (``jit_compile``) is off: on this CPU it made the step ~4× slower. Each
 round runs ``--steps`` steps per variant after ``--warmup`` steps; the table
 reports the median (min–max) over ``--rounds`` rounds and the per-round paired
@@ -82,8 +89,11 @@ def parse_args(argv=None):
                    help="comma list; default keras_bare,histokd_fit,torch_eager")
     p.add_argument("--bf16", action="store_true", help="add Keras mixed_bfloat16 variants")
     p.add_argument("--extra", action="store_true", help="add histokd_tob and torch_cl variants")
-    p.add_argument("--intra", type=int, default=0, help="TF intra-op threads (0 = TF default)")
-    p.add_argument("--inter", type=int, default=0, help="TF inter-op threads (0 = TF default)")
+    p.add_argument("--threads", choices=("histokd", "tf"), default="histokd",
+                   help="TF thread pools: what `histokd train` sets for this step (train.cpu_threads=auto: "
+                        "intra-op cores//2, inter-op 2 on a CPU) or TensorFlow's defaults")
+    p.add_argument("--intra", type=int, default=0, help="TF intra-op threads (overrides --threads)")
+    p.add_argument("--inter", type=int, default=0, help="TF inter-op threads (overrides --threads)")
     p.add_argument("--torch-threads", type=int, default=0, help="0 = os.cpu_count()")
     p.add_argument("--torch-in-process", action="store_true",
                    help="run PyTorch in the TF process (default: its own process, rounds still interleaved)")
@@ -116,10 +126,15 @@ def _keras_setup(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    if args.intra:
-        tf.config.threading.set_intra_op_parallelism_threads(args.intra)
-    if args.inter:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter)
+    if args.intra or args.inter:
+        if args.intra:
+            tf.config.threading.set_intra_op_parallelism_threads(args.intra)
+        if args.inter:
+            tf.config.threading.set_inter_op_parallelism_threads(args.inter)
+    elif args.threads == "histokd":
+        from histokd.train import apply_cpu_threads
+
+        apply_cpu_threads("auto", "vicreg")
     return tf
 
 

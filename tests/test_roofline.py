@@ -88,6 +88,17 @@ def test_kernel_time_sums_counts_times_and_reports_flops():
     assert "5 dense kernels (5 distinct)" in line and "images/s" in line
 
 
+def test_concurrent_slots_follow_the_thread_pools():
+    assert _roofline.slots_for(2, 0, 0) == 1  # TensorFlow's defaults: one kernel on all cores
+    assert _roofline.slots_for(2, 1, 2) == 2  # histokd train on 2 cores: a view per core
+    assert _roofline.slots_for(16, 8, 2) == 2
+    assert _roofline.slots_for(8, 1, 1) == 1  # one inter-op thread: kernels one at a time
+    assert _roofline.slots_for(4, 1, 0) == 4
+    assert _roofline.concurrent_slots() >= 1
+    kt = {"kernels": 5, "distinct": 5, "seconds": 0.01, "flops": 1e9, "slots": 2}
+    assert "2 at a time" in _roofline.kernel_line("toy", kt, 4, "image")
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_conv_gradients_with_shape_inputs_are_rerun(groups):
     """Backprop ops take their sizes from Shape/ShapeN; the re-run needs their static values."""

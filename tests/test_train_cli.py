@@ -127,3 +127,57 @@ def test_killed_run_resumes_with_same_step_count(tmp_path):
     assert "resuming" in res.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 3 * metrics["train"]["steps_per_epoch"]
+    # a fresh `histokd train` process sizes TensorFlow's pools per train.cpu_threads=auto
+    from histokd.train import cpu_thread_plan
+
+    plan = cpu_thread_plan("auto", "vicreg", cpus=len(os.sched_getaffinity(0)))
+    expected = {"intra_op": plan[0], "inter_op": plan[1]} if plan else {"intra_op": 0, "inter_op": 0}
+    assert metrics["train"]["cpu_threads"] == expected
+
+
+def test_cpu_thread_plan():
+    from histokd.config import parse_cpu_threads
+    from histokd.errors import ConfigError
+    from histokd.train import cpu_thread_plan
+
+    # auto: one group of cores per view for two-view methods on CPU, TF's defaults otherwise
+    assert cpu_thread_plan("auto", "vicreg", cpus=2) == (1, 2)
+    assert cpu_thread_plan("auto", "simclr", cpus=16) == (8, 2)
+    assert cpu_thread_plan("auto", "moby", cpus=3) == (1, 2)
+    assert cpu_thread_plan("auto", "vicreg", cpus=1) is None
+    assert cpu_thread_plan("auto", "vicreg", cpus=8, gpus=1) is None
+    assert cpu_thread_plan("auto", "supervised", cpus=8) is None
+    assert cpu_thread_plan("default", "vicreg", cpus=8) is None
+    assert cpu_thread_plan("3, 1", "supervised", cpus=8, gpus=2) == (3, 1)
+    assert parse_cpu_threads("AUTO") == "auto"
+    for bad in ("fast", "0,2", "1", "1,2,3", "-1,2"):
+        with pytest.raises(ConfigError, match="INTRA,INTER"):
+            parse_cpu_threads(bad)
+
+
+def test_cpu_threads_config_key_validated(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, name="threads")
+    rc = main(["train", "--config", str(cfg), "--set", "train.cpu_threads=many"])
+    assert rc != 0
+    assert "train.cpu_threads" in capsys.readouterr().err
+
+
+def test_explicit_cpu_threads_warn_when_tensorflow_already_runs():
+    import tensorflow as tf
+
+    from histokd.train import apply_cpu_threads
+
+    tf.constant(1.0) + 1.0  # TensorFlow is running in this process: pools are fixed
+    before = (tf.config.threading.get_intra_op_parallelism_threads(),
+              tf.config.threading.get_inter_op_parallelism_threads())
+    if before == (5, 3):
+        pytest.skip("pools happen to be (5, 3) already")
+    with pytest.warns(UserWarning, match="fresh process"):
+        assert apply_cpu_threads("5,3", "vicreg") is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto stays quiet in a notebook that ran TF first
+        apply_cpu_threads("auto", "vicreg")
+    assert (tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads()) == before

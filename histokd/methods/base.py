@@ -34,6 +34,33 @@ def gather_across_replicas(z):
     return tf.concat([everyone[: rid * n], z, everyone[(rid + 1) * n:]], axis=0)
 
 
+def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
+    """Whether TensorFlow's pools run kernels side by side on this CPU process.
+
+    True when the intra-op pool has been sized to less than all cores with at least two
+    inter-op threads — ``histokd train``'s plan for two-view methods on a CPU
+    (:func:`histokd.train.cpu_thread_plan`), where each view's chain runs on its own
+    cores. Methods then keep per-view work in separate chains rather than merging it
+    into one (single-pool) kernel.
+
+    Args:
+        cores, intra, inter: int. Overrides of the process's values (tests); 0 = TF's default.
+    """
+    import os
+
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+    if intra is None:
+        intra = tf.config.threading.get_intra_op_parallelism_threads()
+    if inter is None:
+        inter = tf.config.threading.get_inter_op_parallelism_threads()
+    inter = inter or cores
+    return 0 < intra and cores // intra >= 2 and inter >= 2
+
+
 def num_replicas():
     ctx = tf.distribute.get_replica_context()
     return 1 if ctx is None else ctx.num_replicas_in_sync

@@ -141,3 +141,38 @@ def test_expander_call_views_equals_separate_calls():
     ia, ib = one.call_views([fa, fb], training=False)
     np.testing.assert_allclose(ia.numpy(), two(fa, training=False).numpy(), atol=1e-5)
     np.testing.assert_allclose(ib.numpy(), two(fb, training=False).numpy(), atol=1e-5)
+
+
+def test_shared_branches_same_result_merged_or_side_by_side(monkeypatch):
+    """With shared branches the expander runs merged (Expander.call_views) under
+    TensorFlow's default pools and per view when histokd train's CPU thread plan runs the
+    views side by side; both give the same embeddings and BatchNorm statistics."""
+    import histokd.methods.joint_embedding as je
+    from histokd.methods.base import kernels_side_by_side
+
+    assert kernels_side_by_side(cores=2, intra=1, inter=2)
+    assert kernels_side_by_side(cores=16, intra=8, inter=2)
+    assert not kernels_side_by_side(cores=2, intra=0, inter=0)  # TensorFlow's defaults
+    assert not kernels_side_by_side(cores=2, intra=2, inter=2)
+    assert not kernels_side_by_side(cores=4, intra=1, inter=1)
+
+    x = batch(8, seed=3)
+    models, outs, calls, start = [], [], [], []
+    for side in (False, True):
+        monkeypatch.setattr(je, "kernels_side_by_side", lambda side=side: side)
+        m = JointEmbedding(tiny_encoder(), shared=True, expander_dims=[8, 8, 6])
+        m(x)
+        if start:
+            m.set_weights(start)
+        else:
+            start = m.get_weights()
+        merged = m.expander_a.call_views
+        monkeypatch.setattr(m.expander_a, "call_views",
+                            lambda views, training=None, f=merged: calls.append(1) or f(views, training))
+        outs.append(m(x, training=True))
+        models.append(m)
+    assert len(calls) == 1  # only the default-pool model merged the views
+    for k in ("z_a", "z_b"):
+        np.testing.assert_allclose(outs[0][k].numpy(), outs[1][k].numpy(), atol=1e-5)
+    for w0, w1 in zip(models[0].weights, models[1].weights):
+        np.testing.assert_allclose(w0.numpy(), w1.numpy(), atol=1e-6, err_msg=w0.path)
