@@ -334,8 +334,9 @@ def _group_max(rows, group: int):
     return tf.reduce_max(tf.reshape(rows, [shp[0], shp[1], (n + pad) // group, group]), axis=-1)
 
 
-def _top_desc(rows, k, group: int = 16, gmax=None):
-    """The ``k`` largest entries of each row, sorted descending; exact.
+def _top_desc(rows, k, group: int = 16, gmax=None, sort: bool = True):
+    """The ``k`` largest entries of each row, sorted descending (``sort=False``: in no
+    particular order, for :func:`_percentile_from_top` with ``presorted=False``); exact.
 
     Two-stage selection: the k largest values of a row all lie in the k groups
     (of ``group`` consecutive entries) with the largest maxima, so ``top_k`` runs
@@ -371,14 +372,23 @@ def _top_desc(rows, k, group: int = 16, gmax=None):
         bound = tf.reduce_min(gtop, axis=-1, keepdims=True)
         rows = tf.where(cand >= bound, cand, -np.inf)
     top = tf.math.top_k(rows, k=k, sorted=False).values
-    return tf.sort(top, axis=-1, direction="DESCENDING")
+    return tf.sort(top, axis=-1, direction="DESCENDING") if sort else top
 
 
-def _percentile_from_top(top, counts, q, value_fn=None):
-    """``np.percentile(valid, q)`` (linear) from the sorted-descending top values of a row.
+def _percentile_from_top(top, counts, q, value_fn=None, presorted=True):
+    """``np.percentile(valid, q)`` (linear) from the top values of a row.
+
+    With ``presorted=False`` the k values come in any order. The two order statistics
+    needed sit ``k - 1 - d`` and ``k - d`` places from the *bottom* of the k values
+    (d: rank from the top), and a row of N pixels at the 99th percentile has
+    d = k - 2: only the 3 smallest of the k values need ordering (``top_k`` of the
+    negated values with k = the largest such bottom rank + 1 over the batch), not all
+    k. Rows with fewer valid values (little tissue) need more of them ordered; the
+    result is the same exact order statistic either way.
 
     Args:
-        top: float32 [B, k]; the k largest valid values, descending (-inf padding).
+        top: float32 [B, k]; the k largest valid values (-inf padding), descending
+            unless ``presorted=False``.
         counts: int32 [B]; number of valid values in the row.
         q: python float; the percentile. The needed ranks must be among the k values.
         value_fn: optional callable mapping the two selected order statistics to
@@ -395,8 +405,15 @@ def _percentile_from_top(top, counts, q, value_fn=None):
     kk = tf.shape(top, out_type=tf.int64)[-1]
     d = tf.clip_by_value(tf.cast(n - 1.0 - f, tf.int64), 0, kk - 1)  # rank of s_f from the top
     d2 = tf.maximum(d - 1, 0)  # rank of s_{f+1}
-    lo = tf.gather(top, d[:, None], batch_dims=1)[:, 0]
-    hi = tf.gather(top, d2[:, None], batch_dims=1)[:, 0]
+    if presorted:
+        lo = tf.gather(top, d[:, None], batch_dims=1)[:, 0]
+        hi = tf.gather(top, d2[:, None], batch_dims=1)[:, 0]
+    else:
+        b_lo, b_hi = kk - 1 - d, kk - 1 - d2  # ranks from the bottom; b_lo <= b_hi
+        m = tf.cast(tf.reduce_max(b_hi) + 1, tf.int32)
+        asc = -tf.math.top_k(-top, k=m, sorted=True).values  # the m smallest, ascending
+        lo = tf.gather(asc, b_lo[:, None], batch_dims=1)[:, 0]
+        hi = tf.gather(asc, b_hi[:, None], batch_dims=1)[:, 0]
     if value_fn is not None:
         lo, hi = value_fn(lo), value_fn(hi)
     # np.percentile's lerp, evaluated from the nearer end like numpy.
@@ -579,10 +596,11 @@ def _decompose_planar(
     fuse_phi = select_group if xla and _uses_groups(n_static, k_phi, select_group) else 0
     rows = _kernel(_angle_rows, xla, group=fuse_phi)(od, maskf, plane)  # [B,2,N] (+ maxima)
     rows, gmax = rows if fuse_phi else (rows, None)
-    top_phi = _top_desc(rows, k_phi, select_group, gmax)
-    phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle)
+    top_phi = _top_desc(rows, k_phi, select_group, gmax, sort=False)
+    phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle,
+                                   presorted=False)
     phi_min = -_percentile_from_top(top_phi[:, 1], n_t, 100.0 - alpha,
-                                    lambda v: -pseudo_angle_to_angle(-v))
+                                    lambda v: -pseudo_angle_to_angle(-v), presorted=False)
 
     def vec(a):
         return tf.reduce_sum(plane * tf.expand_dims(tf.stack([tf.cos(a), tf.sin(a)], axis=-1), 1), -1)
@@ -607,10 +625,11 @@ def _decompose_planar(
     fuse_c = select_group if xla and _uses_groups(n_static, k_c, select_group) else 0
     conc = _kernel(_concentrations, xla, group=fuse_c)(od, pinv)  # [B,2,N] (+ maxima)
     conc, gmax = conc if fuse_c else (conc, None)
-    top_c = _top_desc(conc, k_c, select_group, gmax)  # [B,2,k]
+    top_c = _top_desc(conc, k_c, select_group, gmax, sort=False)  # [B,2,k], unordered
     n_all = tf.fill([b], n_pix)
     max_c = tf.stack(
-        [_percentile_from_top(top_c[:, i], n_all, _MAXC_PERCENTILE) for i in range(2)], -1
+        [_percentile_from_top(top_c[:, i], n_all, _MAXC_PERCENTILE, presorted=False)
+         for i in range(2)], -1
     )
 
     # Robustness policy.

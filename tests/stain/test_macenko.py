@@ -280,6 +280,34 @@ def test_top_desc_with_group_maxima_from_an_xla_pass(n):
     np.testing.assert_array_equal(got, -np.sort(-a[0], axis=1)[:, :41])
 
 
+@pytest.mark.parametrize("q", [99.0, 1.0, 50.0])
+def test_percentile_from_unordered_top_is_exact(q):
+    """The percentile from an unordered top-k set (only the smallest few ordered) equals
+    np.percentile and the fully sorted path, for rows with many, few or no valid values,
+    ties and -inf padding."""
+    from histokd.stain.macenko import _k_for, _percentile_from_top, _top_desc
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    k = _k_for(n, n, 100.0 - q) if q > 50 else n  # the tail the decomposition selects
+    counts = np.array([n, 2900, 1500, 40, 3, 1, 0, n])
+    rows = []
+    for i, c in enumerate(counts):
+        v = np.round(rng.normal(size=n), 1 if i == len(counts) - 1 else 6)  # last row: ties
+        v[c:] = -np.inf
+        rows.append(rng.permutation(v))
+    a = np.stack(rows).astype(np.float32)
+    unordered = _top_desc(tf.constant(a[:, None]), k, 16, sort=False)[:, 0]
+    ordered = _top_desc(tf.constant(a[:, None]), k, 16)[:, 0]
+    got = _percentile_from_top(unordered, tf.constant(counts, tf.int32), q, presorted=False).numpy()
+    ref = _percentile_from_top(ordered, tf.constant(counts, tf.int32), q).numpy()
+    np.testing.assert_array_equal(got, ref)
+    for i, c in enumerate(counts):
+        if c > 0:
+            assert got[i] == pytest.approx(np.percentile(a[i, np.isfinite(a[i])].astype(np.float64), q),
+                                           abs=1e-6)
+
+
 def test_small_matmul_equals_matmul():
     from histokd.stain.macenko import _small_matmul
 
