@@ -163,6 +163,11 @@ def _cmd_data(args):
 
 def _cmd_normalize(args):
     from histokd.stain import normalize_folder
+    from histokd.stain.macenko import _PARALLEL_CHUNKS
+    from histokd.train import apply_cpu_threads
+
+    # one group of cores per chunk of tiles in flight (before TensorFlow's first op)
+    apply_cpu_threads(args.cpu_threads, streams=_PARALLEL_CHUNKS)
 
     summary = normalize_folder(args.src, args.dst, target=args.target, batch_size=args.batch,
                                report=args.report)
@@ -275,6 +280,9 @@ def build_parser():
     n.add_argument("--target", default="torchstain", help="preset name or target image path")
     n.add_argument("--batch", type=int, default=64)
     n.add_argument("--report", action="store_true", help="write a before/after thumbnail grid")
+    n.add_argument("--cpu-threads", default="auto",
+                   help="TensorFlow thread pools: auto (on a CPU, one group of cores per chunk of "
+                        "tiles in flight), default (TensorFlow's) or INTRA,INTER")
     n.set_defaults(fn=_cmd_normalize)
 
     m = sub.add_parser("masks", help="nuclear-type masks for tissue/nuclei distillation")

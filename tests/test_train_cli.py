@@ -149,6 +149,7 @@ def test_cpu_thread_plan():
     assert cpu_thread_plan("auto", "supervised", cpus=8) is None
     assert cpu_thread_plan("default", "vicreg", cpus=8) is None
     assert cpu_thread_plan("3, 1", "supervised", cpus=8, gpus=2) == (3, 1)
+    assert cpu_thread_plan("auto", "supervised", cpus=8, streams=4) == (2, 4)  # streams win
     assert parse_cpu_threads("AUTO") == "auto"
     for bad in ("fast", "0,2", "1", "1,2,3", "-1,2"):
         with pytest.raises(ConfigError, match="INTRA,INTER"):

@@ -90,3 +90,19 @@ def test_target_image_file(tree, tmp_path):
     s = normalize_folder(tree, tmp_path / "dst", target=str(target), progress=False)
     assert s["target"]["source"] == f"image:{target}"
     assert os.path.isfile(tmp_path / "dst" / "t0.png")
+
+
+def test_normalize_cli_and_its_cpu_threads_option(tree, tmp_path, capsys):
+    from histokd.cli import main
+    from histokd.train import cpu_thread_plan
+
+    dst = tmp_path / "dst_cli"
+    # the command sizes TensorFlow's pools for its two chunk streams when it starts a
+    # fresh process; here TensorFlow already runs, so `auto` leaves them quietly
+    assert main(["normalize", str(tree), str(dst), "--batch", "4"]) == 0
+    assert (dst / "a" / "t1.png").is_file()
+    assert '"passed_through": 1' in capsys.readouterr().out
+    assert main(["normalize", str(tree), str(dst), "--cpu-threads", "many"]) != 0
+    assert "INTRA,INTER" in capsys.readouterr().err
+    assert cpu_thread_plan("auto", streams=2, cpus=2) == (1, 2)
+    assert cpu_thread_plan("auto", streams=2, cpus=8, gpus=1) is None
