@@ -54,7 +54,12 @@ numpy 123-165, tensorflow 31, macenko-pca 164-182 tiles/s in the same runs, i.e.
 (1.85 CPU ms per tile) or at ~830 tiles/s (2.25 ms; cause not pinned down: one
 chunk in flight always gave ~830, four gave both modes); the unchunked graph runs
 at 910-990. The issue's
-target (>= 1,000 tiles/s *and* >= 5x the fastest peer) is NOT reached. Per 8-tile
+target (>= 1,000 tiles/s *and* >= 5x the fastest peer) is NOT reached. On a second
+machine (AVX-512/AMX Xeon, 2 cores, 2026-12-05) with the pools ``histokd normalize``
+sets (intra-op 1, inter-op 2: one core per chunk in flight, ~+6 % over TensorFlow's
+defaults) and the percentiles taken from the unordered top-k set (only its few
+smallest values ordered): 925 tiles/s, 3.8x torchstain torch (244), floor pass 1,550.
+Per 8-tile
 chunk on one core the step costs ~10 ms: ~45 % the four exact selections (two
 angle tails, maxC of H and E; TensorFlow ``top_k``), ~40 % the four per-pixel
 passes. The group maxima of the selection come out of the XLA passes, and the
@@ -66,7 +71,11 @@ than ``log``/``exp`` here); per-image histograms (``bincount``/
 ``unsorted_segment_sum`` cost more than the selections they would replace);
 a subsample-threshold band + ragged sort selection (exact, but no cheaper
 than the group-max ``top_k``); ``NthElement`` for the group-maximum bound
-(~10 % of that step); covariance sums as a matrix product (oneDNN or XLA dot:
+(~10 % of that step); the k-th largest group maximum by ``NthElement`` with the
+candidate groups packed by ``tf.where`` + a ragged-to-dense pack (``top_k`` time
+halved, but the chunk loop ran ~1.3 cores instead of 2: 690-740 tiles/s against 920),
+or with the candidate values themselves packed (3-5x k candidates on real tiles, whose
+neighbouring pixels are neither alike nor independent: 640-700 tiles/s); covariance sums as a matrix product (oneDNN or XLA dot:
 slower than the fused sums); chunk sizes 4, 16, 32 and 3-4 chunks in flight
 (within noise of 8 x 2). Estimating the
 statistics on a pixel subsample breaks parity (stride 2 already puts 9 % of
