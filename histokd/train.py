@@ -39,7 +39,7 @@ from histokd.data.datasets import (  # noqa: F401  (also re-exported for scripts
     train_dataset,
     val_dataset,
 )
-from histokd.methods.base import mirrored_strategy
+from histokd.methods.base import available_cpus, mirrored_strategy
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,10 +79,7 @@ def cpu_thread_plan(setting, method: str | None = None, cpus: int | None = None,
     if plan == "default" or gpus > 0 or streams < 2:
         return None
     if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cpus = os.cpu_count() or 1
+        cpus = available_cpus()
     if cpus < streams:
         return None
     return max(1, cpus // streams), streams

@@ -72,15 +72,11 @@ def graph_flops(fn, *input_signature) -> int:
 def concurrent_slots() -> int:
     """Kernels this process can run at once: cores // intra-op threads, at most the
     inter-op threads (1 with TensorFlow's default pools)."""
-    import os
-
     import tensorflow as tf
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return slots_for(cores, tf.config.threading.get_intra_op_parallelism_threads(),
+    from histokd.methods.base import available_cpus
+
+    return slots_for(available_cpus(), tf.config.threading.get_intra_op_parallelism_threads(),
                      tf.config.threading.get_inter_op_parallelism_threads())
 
 

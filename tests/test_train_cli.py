@@ -130,7 +130,9 @@ def test_killed_run_resumes_with_same_step_count(tmp_path):
     # a fresh `histokd train` process sizes TensorFlow's pools per train.cpu_threads=auto
     from histokd.train import cpu_thread_plan
 
-    plan = cpu_thread_plan("auto", "vicreg", cpus=len(os.sched_getaffinity(0)))
+    from histokd.methods.base import available_cpus
+
+    plan = cpu_thread_plan("auto", "vicreg", cpus=available_cpus())
     expected = {"intra_op": plan[0], "inter_op": plan[1]} if plan else {"intra_op": 0, "inter_op": 0}
     assert metrics["train"]["cpu_threads"] == expected
 

@@ -34,6 +34,16 @@ def gather_across_replicas(z):
     return tf.concat([everyone[: rid * n], z, everyone[(rid + 1) * n:]], axis=0)
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
     """Whether TensorFlow's pools run kernels side by side on this CPU process.
 
@@ -46,13 +56,8 @@ def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
     Args:
         cores, intra, inter: int. Overrides of the process's values (tests); 0 = TF's default.
     """
-    import os
-
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
+        cores = available_cpus()
     if intra is None:
         intra = tf.config.threading.get_intra_op_parallelism_threads()
     if inter is None:
