@@ -456,8 +456,8 @@ def parse_cpu_threads(setting) -> "tuple[int, int] | str":
     if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
         return int(parts[0]), int(parts[1])
     raise ConfigError(
-        f"train.cpu_threads must be 'auto', 'default' or 'INTRA,INTER' (two positive integers, "
-        f"e.g. '1,2'), got {setting!r}")
+        f"the CPU thread setting (train.cpu_threads, histokd normalize --cpu-threads) must be "
+        f"'auto', 'default' or 'INTRA,INTER' (two positive integers, e.g. '1,2'), got {setting!r}")
 
 
 def _validate(cfg: RunConfig):
