@@ -71,20 +71,17 @@ def graph_flops(fn, *input_signature) -> int:
 
 def concurrent_slots() -> int:
     """Kernels this process can run at once: cores // intra-op threads, at most the
-    inter-op threads (1 with TensorFlow's default pools)."""
-    import tensorflow as tf
+    inter-op threads (1 with TensorFlow's default pools); ``histokd.methods.base.kernel_slots``."""
+    from histokd.methods.base import kernel_slots
 
-    from histokd.methods.base import available_cpus
-
-    return slots_for(available_cpus(), tf.config.threading.get_intra_op_parallelism_threads(),
-                     tf.config.threading.get_inter_op_parallelism_threads())
+    return kernel_slots()
 
 
 def slots_for(cores: int, intra: int, inter: int) -> int:
     """:func:`concurrent_slots` for given pool sizes (0 = TensorFlow's default: all cores)."""
-    intra = intra or cores
-    inter = inter or cores
-    return max(1, min(inter, cores // max(intra, 1)))
+    from histokd.methods.base import kernel_slots
+
+    return kernel_slots(cores, intra, inter)
 
 
 def gemm_rate(n: int = 4096, runs: int = 5) -> float:

@@ -44,17 +44,15 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
-    """Whether TensorFlow's pools run kernels side by side on this CPU process.
-
-    True when the intra-op pool has been sized to less than all cores with at least two
-    inter-op threads — ``histokd train``'s plan for two-view methods on a CPU
-    (:func:`histokd.train.cpu_thread_plan`), where each view's chain runs on its own
-    cores. Methods then keep per-view work in separate chains rather than merging it
-    into one (single-pool) kernel.
+def kernel_slots(cores=None, intra=None, inter=None) -> int:
+    """How many kernels TensorFlow's pools run at once on this CPU process:
+    cores // intra-op threads, at most the inter-op threads (1 with TensorFlow's default
+    pools, 2 with ``histokd train``'s plan for two-view methods on a CPU,
+    :func:`histokd.train.cpu_thread_plan`).
 
     Args:
-        cores, intra, inter: int. Overrides of the process's values (tests); 0 = TF's default.
+        cores, intra, inter: int. Overrides of the process's values; 0 = TF's default
+            (all cores).
     """
     if cores is None:
         cores = available_cpus()
@@ -62,8 +60,20 @@ def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
         intra = tf.config.threading.get_intra_op_parallelism_threads()
     if inter is None:
         inter = tf.config.threading.get_inter_op_parallelism_threads()
+    intra = intra or cores
     inter = inter or cores
-    return 0 < intra and cores // intra >= 2 and inter >= 2
+    return max(1, min(inter, cores // max(intra, 1)))
+
+
+def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
+    """Whether the pools run kernels side by side (:func:`kernel_slots` >= 2), each
+    view's chain on its own cores. Methods then keep per-view work in separate chains
+    rather than merging it into one (single-pool) kernel.
+
+    Args:
+        cores, intra, inter: as for :func:`kernel_slots`.
+    """
+    return kernel_slots(cores, intra, inter) >= 2
 
 
 def num_replicas():

@@ -75,8 +75,8 @@ than the group-max ``top_k``); ``NthElement`` for the group-maximum bound
 candidate groups packed by ``tf.where`` + a ragged-to-dense pack (``top_k`` time
 halved, but the chunk loop ran ~1.3 cores instead of 2: 690-740 tiles/s against 920),
 or with the candidate values themselves packed (3-5x k candidates on real tiles, whose
-neighbouring pixels are neither alike nor independent: 640-700 tiles/s); covariance sums as a matrix product (oneDNN or XLA dot:
-slower than the fused sums); chunk sizes 4, 16, 32 and 3-4 chunks in flight
+neighbouring pixels are neither alike nor independent: 640-700 tiles/s); covariance
+sums as a matrix product (oneDNN or XLA dot: slower than the fused sums); chunk sizes 4, 16, 32 and 3-4 chunks in flight
 (within noise of 8 x 2). Estimating the
 statistics on a pixel subsample breaks parity (stride 2 already puts 9 % of
 real Kather tiles above 1 grey level), and compiling the whole step with XLA
