@@ -429,6 +429,98 @@ def _percentile_from_top(top, counts, q, value_fn=None, presorted=True):
     return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
 
 
+def _lerp(lo, hi, t):
+    """np.percentile's linear interpolation, evaluated from the nearer end like numpy."""
+    return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
+
+
+def _cumsum_last(mask):
+    """Inclusive int32 running count of ``mask`` along the last axis."""
+    return tf.cumsum(tf.cast(mask, tf.int32), axis=-1)
+
+
+def _next_above(aug, lo):
+    """Per row: how many entries are <= lo, and the smallest entry > lo (+inf if none)."""
+    le = tf.reduce_sum(tf.cast(aug <= lo[..., None], tf.int32), -1)
+    above = tf.reduce_min(tf.where(aug > lo[..., None], aug, np.inf), -1)
+    return le, above
+
+
+def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
+    """The two order statistics that ``np.percentile(valid, q)`` interpolates, for an
+    upper-tail ``q`` (>= 50), selected exactly with two ``NthElement`` calls on small arrays.
+
+    ``rows`` holds N values per row (invalid ones -inf), ``gmax`` the maxima of its
+    consecutive groups of ``group`` entries. With d the rank from the top of the lower
+    order statistic (d <= k - 1):
+
+    1. ``bound`` = the k-th largest group maximum (``NthElement`` over N/group values).
+       At least k entries are >= bound, so the row's top k all are; every entry
+       > bound lies in one of the (< k) groups whose maximum is > bound.
+    2. Those groups are packed into k - 1 slots (running count + ``searchsorted``; empty
+       slots -inf) and k copies of ``bound`` are appended: the top k of this
+       candidate set equal the row's top k (ties at the bound included).
+    3. d differs per row (tissue pixel counts); k - 1 - d copies of +inf are appended
+       so that the wanted value has rank k - 1 from the top in every row, and one
+       ``NthElement`` at that common position picks it.
+    4. The next order statistic is the same value when enough entries tie with it,
+       else the smallest candidate above it.
+
+    Exact (equal to sorting the row), also with ties, -inf padding and monotone rows.
+    Against ``top_k`` over the group maxima and then over the k*group candidates
+    (the previous design, kept in :func:`_top_desc`) it does the selection in ~35 %
+    less time (16 rows of 50,176 values, one core): TensorFlow's ``top_k`` costs
+    ~20 ns per entry for k of a few hundred, ``NthElement`` ~8.
+
+    Args:
+        rows: float32 [B, R, N] with N static and a multiple of ``group``.
+        gmax: float32 [B, R, N / group].
+        counts: int32 [B]; valid entries per row (the same for the R rows of an item).
+        q: python float >= 50.
+        k: python int; top values that cover the tail (:func:`_k_for`), >= 2.
+        group: python int.
+        xla: run the two small elementwise steps as XLA kernels.
+
+    Returns:
+        (lo, hi, t): float32 [B, R], [B, R], [B, 1]; the percentile is
+        ``_lerp(lo, hi, t)`` (or of a monotone re-parametrisation of lo and hi).
+    """
+    shp = tf.shape(rows)
+    b, r = shp[0], rows.shape[1]
+    n_groups = gmax.shape[-1]
+    n = tf.cast(counts, tf.float64)
+    p = (float(q) / 100.0) * tf.maximum(n - 1.0, 0.0)
+    f = tf.floor(p)
+    t = tf.cast(p - f, tf.float32)[:, None]
+    d = tf.clip_by_value(tf.cast(n - 1.0 - f, tf.int32), 0, k - 1)  # [B] rank of s_f from the top
+    # NaN (only from NaN input, whose tile is passed through) would break NthElement's order.
+    gmax = tf.where(tf.math.is_nan(gmax), -np.inf, gmax)
+    bound = tf.raw_ops.NthElement(input=gmax, n=n_groups - k)[..., None]  # [B,R,1]
+    running = _kernel(_cumsum_last, xla)(gmax > bound)  # [B,R,G]
+    n_gt = running[..., -1:]  # [B,R,1], < k
+    slots = tf.range(1, k, dtype=tf.int32)  # k - 1 slots
+    flat = tf.reshape(running, [-1, n_groups])
+    gi = tf.searchsorted(flat, tf.tile(slots[None], [tf.shape(flat)[0], 1]), side="left")
+    gi = tf.minimum(tf.reshape(gi, [b, r, k - 1]), n_groups - 1)
+    vals = tf.gather(tf.reshape(rows, [b, r, n_groups, group]), gi, batch_dims=2)  # [B,R,k-1,group]
+    vals = tf.where(slots[:, None] <= n_gt[..., None], vals, -np.inf)
+    plus = tf.where(tf.range(k - 1)[None, :] < (k - 1 - d)[:, None], np.inf, -np.inf)  # [B,k-1]
+    aug = tf.concat([tf.reshape(vals, [b, r, (k - 1) * group]), tf.broadcast_to(bound, [b, r, k]),
+                     tf.broadcast_to(plus[:, None, :], [b, r, k - 1])], -1)
+    aug = tf.where(tf.math.is_nan(aug), -np.inf, aug)
+    size = (k - 1) * group + k + (k - 1)
+    pos = size - k  # ascending position of rank k - 1 from the top
+    lo = tf.raw_ops.NthElement(input=aug, n=pos)  # [B,R]
+    le, above = _kernel(_next_above, xla)(aug, lo)
+    hi = tf.where((le >= pos + 2) | (d == 0)[:, None], lo, above)
+    return lo, hi, t
+
+
+def _group_path(n_static, k, group: int) -> bool:
+    """Whether :func:`_upper_order_stats` applies (static N, a multiple of the group)."""
+    return _uses_groups(n_static, k, group) and n_static % group == 0 and k >= 2
+
+
 def _k_for(n_static, n_dynamic, tail_percent: float):
     """How many top values cover a tail of ``tail_percent`` % of N values (+2 for interpolation)."""
     if n_static is not None:
@@ -480,8 +572,13 @@ def _od_and_stats(x, io, threshold, luminosity_threshold):
         mask = tf.logical_and(mask, lum < 255.0 * float(luminosity_threshold))
     maskf = tf.cast(mask, tf.float32)
     r, g, b = od[:, 0], od[:, 1], od[:, 2]
-    mr, mg, mb = r * maskf, g * maskf, b * maskf
-    sums = [_pixel_sum(t) for t in (maskf, mr, mg, mb, mr * r, mr * g, mr * b, mg * g, mg * b, mb * b)]
+    # Each sum's integrand is written from od and the mask directly (no shared
+    # masked products): XLA's CPU backend then fuses every integrand into its own
+    # reduction instead of materialising the shared products in memory (8 tiles
+    # of 224^2, one core: this pass 4.3 -> 3.1 ms).
+    zero = tf.zeros_like(r)
+    sums = [_pixel_sum(tf.where(mask, t, zero))
+            for t in (tf.ones_like(r), r, g, b, r * r, r * g, r * b, g * g, g * b, b * b)]
     return od, maskf, tf.stack(sums, axis=1)
 
 
@@ -616,11 +713,18 @@ def _decompose_planar(
     fuse_phi = select_group if xla and _uses_groups(n_static, k_phi, select_group) else 0
     rows = _kernel(_angle_rows, xla, group=fuse_phi)(od, maskf, plane)  # [B,2,N] (+ maxima)
     rows, gmax = rows if fuse_phi else (rows, None)
-    top_phi = _top_desc(rows, k_phi, select_group, gmax, sort=False)
-    phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle,
-                                   presorted=False)
-    phi_min = -_percentile_from_top(top_phi[:, 1], n_t, 100.0 - alpha,
-                                    lambda v: -pseudo_angle_to_angle(-v), presorted=False)
+    if _group_path(n_static, k_phi, select_group):
+        if gmax is None:
+            gmax = _group_max(rows, select_group)
+        lo, hi, t = _upper_order_stats(rows, gmax, n_t, 100.0 - alpha, k_phi, select_group, xla)
+        phi_max = _lerp(pseudo_angle_to_angle(lo[:, 0]), pseudo_angle_to_angle(hi[:, 0]), t[:, 0])
+        phi_min = -_lerp(-pseudo_angle_to_angle(-lo[:, 1]), -pseudo_angle_to_angle(-hi[:, 1]), t[:, 0])
+    else:
+        top_phi = _top_desc(rows, k_phi, select_group, gmax, sort=False)
+        phi_max = _percentile_from_top(top_phi[:, 0], n_t, 100.0 - alpha, pseudo_angle_to_angle,
+                                       presorted=False)
+        phi_min = -_percentile_from_top(top_phi[:, 1], n_t, 100.0 - alpha,
+                                        lambda v: -pseudo_angle_to_angle(-v), presorted=False)
 
     def vec(a):
         return tf.reduce_sum(plane * tf.expand_dims(tf.stack([tf.cos(a), tf.sin(a)], axis=-1), 1), -1)
@@ -645,12 +749,18 @@ def _decompose_planar(
     fuse_c = select_group if xla and _uses_groups(n_static, k_c, select_group) else 0
     conc = _kernel(_concentrations, xla, group=fuse_c)(od, pinv)  # [B,2,N] (+ maxima)
     conc, gmax = conc if fuse_c else (conc, None)
-    top_c = _top_desc(conc, k_c, select_group, gmax, sort=False)  # [B,2,k], unordered
     n_all = tf.fill([b], n_pix)
-    max_c = tf.stack(
-        [_percentile_from_top(top_c[:, i], n_all, _MAXC_PERCENTILE, presorted=False)
-         for i in range(2)], -1
-    )
+    if _group_path(n_static, k_c, select_group):
+        if gmax is None:
+            gmax = _group_max(conc, select_group)
+        lo, hi, t = _upper_order_stats(conc, gmax, n_all, _MAXC_PERCENTILE, k_c, select_group, xla)
+        max_c = _lerp(lo, hi, t)
+    else:
+        top_c = _top_desc(conc, k_c, select_group, gmax, sort=False)  # [B,2,k], unordered
+        max_c = tf.stack(
+            [_percentile_from_top(top_c[:, i], n_all, _MAXC_PERCENTILE, presorted=False)
+             for i in range(2)], -1
+        )
 
     # Robustness policy.
     cos_he = tf.reduce_sum(h * e, -1) / tf.maximum(tf.norm(h, axis=-1) * tf.norm(e, axis=-1), 1e-12)

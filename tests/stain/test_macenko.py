@@ -280,6 +280,44 @@ def test_top_desc_with_group_maxima_from_an_xla_pass(n):
     np.testing.assert_array_equal(got, -np.sort(-a[0], axis=1)[:, :41])
 
 
+@pytest.mark.parametrize("xla", [False, True])
+@pytest.mark.parametrize("q", [99.0, 98.0, 97.0])
+def test_upper_order_stats_equal_np_percentile(q, xla):
+    """The NthElement selection (bound from the group maxima, packed candidate groups,
+    +inf padding to a common rank) gives np.percentile exactly, for rows with many,
+    few, one or no valid values, heavy ties, constant and monotone rows."""
+    from histokd.stain.macenko import _group_max, _group_path, _k_for, _lerp, _upper_order_stats
+
+    rng = np.random.default_rng(7)
+    n, group = 4096, 16
+    k = _k_for(n, n, 100.0 - q)
+    assert _group_path(n, k, group)
+    counts = np.array([n, 4000, 2000, 300, 40, 3, 1, 0, n, n, n, 2500])
+    rows = []
+    for i, c in enumerate(counts):
+        if i == 8:
+            v = np.arange(n, dtype=float)  # monotone: every top group is full of candidates
+        elif i == 9:
+            v = np.full(n, 0.25)  # one value: everything ties with the bound
+        else:
+            v = np.round(rng.normal(size=n), 1 if i in (10, 11) else 6)  # 10, 11: heavy ties
+        v[c:] = -np.inf
+        rows.append(v if i == 8 else rng.permutation(v))
+    a = np.stack(rows)[:, None].astype(np.float32)  # [B, 1, n]
+    a = np.concatenate([a, -a[:, :, ::-1]], 1)  # second row: the lower tail of the first
+    a[:, 1][~np.isfinite(a[:, 0, ::-1])] = -np.inf
+    x = tf.constant(a)
+    gmax = _group_max(x, group)
+    lo, hi, t = tf.function(lambda r, g, c: _upper_order_stats(r, g, c, q, k, group, xla))(
+        x, gmax, tf.constant(counts, tf.int32))
+    got = _lerp(lo, hi, t).numpy()
+    for i, c in enumerate(counts):
+        for j in range(2):
+            if c > 0:
+                want = np.percentile(a[i, j, np.isfinite(a[i, j])].astype(np.float64), q)
+                assert got[i, j] == pytest.approx(want, rel=1e-6, abs=1e-6), (i, j, c)
+
+
 @pytest.mark.parametrize("q", [99.0, 1.0, 50.0])
 def test_percentile_from_unordered_top_is_exact(q):
     """The percentile from an unordered top-k set (only the smallest few ordered) equals
