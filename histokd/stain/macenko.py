@@ -24,11 +24,13 @@ schaugf/HEnorm_python; defaults Io=240, alpha=1, beta=0.15):
 9. Output = Io exp(-HE_ref C maxC_ref / maxC), clipped to 255 and truncated to
    uint8 (torchstain's ``astype(np.uint8)``).
 
-Batched design. Percentiles are exact order statistics: values outside the
-tissue are pushed to -inf and only the ~1 % largest values of each row are
-selected (``tf.math.top_k`` after a group-maximum prefilter whose k-th
-largest group maximum bounds the candidates from below, never a full sort),
-then rank ``(n_b - 1) q / 100`` is gathered per image with ``batch_dims`` and
+Batched design. Percentiles are exact order statistics, never a full sort.
+Values outside the tissue are pushed to -inf; the k-th largest maximum of
+groups of 16 consecutive values (``NthElement``) bounds the ~1 % tail from
+below, the fewer than k groups above that bound are packed into a small
+candidate set (with k copies of the bound for ties and +inf padding that puts
+each image's wanted rank at one common position), and one ``NthElement`` on
+that set picks the order statistic (:func:`_upper_order_stats`), which is
 interpolated exactly like ``np.percentile``. The angle percentiles are
 selected on a pseudo-angle (:func:`pseudo_angle`, a strictly increasing
 function of ``atan2`` made of a few multiply-adds), and only the selected
@@ -36,52 +38,50 @@ order statistics are turned into angles before the interpolation, so no
 per-pixel ``atan2`` is evaluated. The recolouring folds pinv(HE), the maxC
 rescale and HE_ref into one 3x3 matrix per image. The four per-pixel passes
 (OD + tissue mask + covariance sums; pseudo-angles; concentrations;
-recolouring) each run as one XLA-compiled loop when the tile size is static
-(the training pipeline, the Keras layer, ``histokd normalize``), instead of a
-chain of TensorFlow ops that each stream the batch through memory;
-``HISTOKD_MACENKO_XLA=0`` or an unknown tile size runs the same math with
-TensorFlow's kernels (compiling per tile size would be unbounded there).
+recolouring) and the small steps of the selection each run as one
+XLA-compiled kernel when the tile size is static (the training pipeline, the
+Keras layer, ``histokd normalize``); ``HISTOKD_MACENKO_XLA=0`` or an unknown
+tile size runs the same math with TensorFlow's kernels (compiling per tile
+size would be unbounded there) and the previous ``top_k`` selection
+(:func:`_top_desc`) where N is unknown.
 
-Speed. ``macenko_transform`` runs the batch in chunks of 8 tiles
+Speed. ``macenko_transform`` runs the batch in chunks of 4 tiles
 (``tf.map_fn``, two chunks in flight; padded, so a tile's output does not
-depend on its batch): the chunk's intermediates stay in cache and the two
-cores work on different chunks instead of synchronising on every op of one
-huge batch. ``scripts/bench_stain.py`` (256 Kather tiles 224x224, 2 cores,
-medians of 5 runs, three runs): 847-1,038 tiles/s, median 1,024 (519 before the
-XLA passes, the pseudo-angle and the candidate bound); torchstain torch 235-274,
-numpy 123-165, tensorflow 31, macenko-pca 164-182 tiles/s in the same runs, i.e.
-3.2-4.4x the fastest peer; floor pass ~1,690. A process settles either at ~1,030
-(1.85 CPU ms per tile) or at ~830 tiles/s (2.25 ms; cause not pinned down: one
-chunk in flight always gave ~830, four gave both modes); the unchunked graph runs
-at 910-990. The issue's
-target (>= 1,000 tiles/s *and* >= 5x the fastest peer) is NOT reached. On a second
-machine (AVX-512/AMX Xeon, 2 cores, 2026-12-05) with the pools ``histokd normalize``
-sets (intra-op 1, inter-op 2: one core per chunk in flight, ~+6 % over TensorFlow's
-defaults) and the percentiles taken from the unordered top-k set (only its few
-smallest values ordered): 925 tiles/s, 3.8x torchstain torch (244), floor pass 1,550.
-Per 8-tile
-chunk on one core the step costs ~10 ms: ~45 % the four exact selections (two
-angle tails, maxC of H and E; TensorFlow ``top_k``), ~40 % the four per-pixel
-passes. The group maxima of the selection come out of the XLA passes, and the
-per-image 2x2/3x3 matrix products are broadcast sums: a oneDNN batched GEMM call
-on such tiny matrices cost ~20 us on one thread and ~8x that when split over two
-(+5 % end to end, paired in one process). Measured and rejected (on CPU time, same run): OD and
-recolouring through 256-entry lookup tables (``tf.gather`` is 2-5x slower
-than ``log``/``exp`` here); per-image histograms (``bincount``/
-``unsorted_segment_sum`` cost more than the selections they would replace);
-a subsample-threshold band + ragged sort selection (exact, but no cheaper
-than the group-max ``top_k``); ``NthElement`` for the group-maximum bound
-(~10 % of that step); the k-th largest group maximum by ``NthElement`` with the
-candidate groups packed by ``tf.where`` + a ragged-to-dense pack (``top_k`` time
-halved, but the chunk loop ran ~1.3 cores instead of 2: 690-740 tiles/s against 920),
-or with the candidate values themselves packed (3-5x k candidates on real tiles, whose
-neighbouring pixels are neither alike nor independent: 640-700 tiles/s); covariance
-sums as a matrix product (oneDNN or XLA dot: slower than the fused sums); chunk sizes 4, 16, 32 and 3-4 chunks in flight
-(within noise of 8 x 2). Estimating the
-statistics on a pixel subsample breaks parity (stride 2 already puts 9 % of
-real Kather tiles above 1 grey level), and compiling the whole step with XLA
-is slower (XLA's CPU ``top_k`` and ``atan2`` are several times slower than
-TensorFlow's kernels); only the per-pixel passes are compiled.
+depend on its batch): a chunk's intermediates stay in cache and the two cores
+work on different chunks instead of synchronising on every op of one huge
+batch; ``histokd normalize`` and the benchmark size TensorFlow's pools for
+that (intra-op 1, inter-op 2). XLA:CPU is asked to run each kernel's steps on
+the calling thread (:func:`prefer_sequential_xla_cpu`): by default it spreads
+them over the intra-op pool, where the two chunks' kernels queue behind each
+other (1.65-1.7 cores busy instead of 1.85). ``scripts/bench_stain.py`` (256
+Kather tiles 224x224, 2 cores, medians of 5 runs; AVX-512 Xeon, 2026-12-05):
+1,266 tiles/s against torchstain torch 230, numpy 153, macenko-pca 160 in the
+same run, i.e. 5.5x the fastest peer; floor pass 1,520 (the figures of each
+run are in README.md). What each step bought, side by side on that machine
+(tiles/s, interleaved runs): group-max ``top_k`` selection + shared covariance
+products, the previous design, ~900-990; the ``NthElement`` selection and one
+fused integrand per covariance sum ~1,000-1,070; sequential XLA:CPU kernels
+~1,280-1,340; chunks of 4 instead of 8 +4-5 %. Per 8 tiles on one core the
+step now costs ~11 ms: ~50 % the per-pixel passes (the OD pass alone ~3 ms:
+XLA:CPU hands each of the ten covariance sums to its reduction library as a
+separate array), ~40 % the four selections (``NthElement`` ~1.7 ms, the
+rest packing and counting).
+
+Measured and rejected (same process, side by side): OD and recolouring
+through 256-entry lookup tables (``tf.gather`` is 2-5x slower than
+``log``/``exp``); per-image histograms (``bincount``/``unsorted_segment_*``
+cost 1.5-11 ns per value, more than the selection); ``top_k`` anywhere in the
+selection (~20 ns per value for k of a few hundred, against ~4-8 for
+``NthElement``); packing candidates by ``tf.where`` (the chunk loop then ran on
+~1.3 cores); strided groups (a tighter bound, but the strided gather costs
+what it saves); covariance sums as a matrix product (oneDNN, XLA dot) or as
+one variadic XLA reduction (no faster than ten fused sums); the two angle
+tails from one row with group minima (XLA fused it worse); TensorFlow's
+pools at (2, 2), (2, 1) or (1, 4) and 3-4 chunks in flight (all slower than
+(1, 2) with two). Estimating the statistics on a pixel subsample breaks
+parity (stride 2 already puts 9 % of real Kather tiles above 1 grey level),
+and compiling the whole step with XLA is slower (XLA's CPU ``top_k`` and
+``atan2`` are several times slower than TensorFlow's kernels).
 
 Deliberate differences from torchstain's numpy backend (parity is tested in
 ``tests/stain/test_parity.py``: mean absolute difference < 0.05 grey levels per
@@ -434,24 +434,57 @@ def _lerp(lo, hi, t):
     return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
 
 
-def _cumsum_last(mask):
-    """Inclusive int32 running count of ``mask`` along the last axis."""
-    return tf.cumsum(tf.cast(mask, tf.int32), axis=-1)
+_TRI64 = np.triu(np.ones((64, 64), np.float32))
+
+
+def _running_count_above(gmax, bound):
+    """Inclusive running count of ``gmax > bound`` along the last axis, int32 [B,R,G].
+
+    Blocks of 64 are counted by a product with a triangular matrix of ones (exact in
+    float32) plus the running block totals: XLA's CPU scan (a windowed reduction) is
+    ~1.7x slower on these sizes."""
+    n = gmax.shape[-1]
+    above = tf.where(gmax > bound, 1.0, 0.0)
+    if n is None or n % 64:
+        return tf.cast(tf.cumsum(above, axis=-1), tf.int32)
+    blocks = tf.reshape(above, [-1, n // 64, 64])
+    inner = tf.einsum("ngi,ij->ngj", blocks, tf.constant(_TRI64))
+    run = inner + tf.cumsum(inner[..., -1:], axis=-2, exclusive=True)
+    return tf.reshape(tf.cast(run, tf.int32), tf.shape(gmax))
 
 
 def _next_above(aug, lo):
-    """Per row: how many entries are <= lo, and the smallest entry > lo (+inf if none)."""
-    le = tf.reduce_sum(tf.cast(aug <= lo[..., None], tf.int32), -1)
+    """Per row: how many entries are <= lo, and the smallest entry > lo (+inf if none).
+    (The count is a float32 sum, exact below 2**24 entries: XLA's CPU reduction
+    library handles float sums several times faster than int32 ones.)"""
+    le = tf.reduce_sum(tf.where(aug <= lo[..., None], 1.0, 0.0), -1)
     above = tf.reduce_min(tf.where(aug > lo[..., None], aug, np.inf), -1)
     return le, above
+
+
+def _candidates(rows, gi, n_gt, bound, d, *, k, group):
+    """The candidate set of :func:`_upper_order_stats`: [B,R,(k-1)*group + k + (k-1)].
+
+    The groups ``gi`` [B,R,k-1] of ``rows`` (slots past ``n_gt`` [B,R,1]: -inf), k copies
+    of ``bound`` [B,R,1], and k - 1 - d [B] copies of +inf (the rest -inf)."""
+    shp = tf.shape(rows)
+    b, r = shp[0], rows.shape[1]
+    n_groups = rows.shape[-1] // group
+    slots = tf.range(1, k, dtype=tf.int32)
+    gi = tf.minimum(gi, n_groups - 1)
+    vals = tf.gather(tf.reshape(rows, [b, r, n_groups, group]), gi, batch_dims=2)  # [B,R,k-1,group]
+    vals = tf.where(slots[:, None] <= n_gt[..., None], vals, -np.inf)
+    plus = tf.where(tf.range(k - 1)[None, :] < (k - 1 - d)[:, None], np.inf, -np.inf)  # [B,k-1]
+    return tf.concat([tf.reshape(vals, [b, r, (k - 1) * group]), tf.broadcast_to(bound, [b, r, k]),
+                      tf.broadcast_to(plus[:, None, :], [b, r, k - 1])], -1)
 
 
 def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
     """The two order statistics that ``np.percentile(valid, q)`` interpolates, for an
     upper-tail ``q`` (>= 50), selected exactly with two ``NthElement`` calls on small arrays.
 
-    ``rows`` holds N values per row (invalid ones -inf), ``gmax`` the maxima of its
-    consecutive groups of ``group`` entries. With d the rank from the top of the lower
+    ``rows`` holds N values per row (invalid ones -inf, no NaN: the per-pixel passes
+    map NaN to -inf), ``gmax`` the maxima of its consecutive groups of ``group`` entries. With d the rank from the top of the lower
     order statistic (d <= k - 1):
 
     1. ``bound`` = the k-th largest group maximum (``NthElement`` over N/group values).
@@ -468,7 +501,7 @@ def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
 
     Exact (equal to sorting the row), also with ties, -inf padding and monotone rows.
     Against ``top_k`` over the group maxima and then over the k*group candidates
-    (the previous design, kept in :func:`_top_desc`) it does the selection in ~35 %
+    (the previous design, kept in :func:`_top_desc`) it does the selection in 25-35 %
     less time (16 rows of 50,176 values, one core): TensorFlow's ``top_k`` costs
     ~20 ns per entry for k of a few hundred, ``NthElement`` ~8.
 
@@ -479,7 +512,8 @@ def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
         q: python float >= 50.
         k: python int; top values that cover the tail (:func:`_k_for`), >= 2.
         group: python int.
-        xla: run the two small elementwise steps as XLA kernels.
+        xla: run the small elementwise steps (running count, candidate set, next value)
+            as XLA kernels.
 
     Returns:
         (lo, hi, t): float32 [B, R], [B, R], [B, 1]; the percentile is
@@ -493,26 +527,18 @@ def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
     f = tf.floor(p)
     t = tf.cast(p - f, tf.float32)[:, None]
     d = tf.clip_by_value(tf.cast(n - 1.0 - f, tf.int32), 0, k - 1)  # [B] rank of s_f from the top
-    # NaN (only from NaN input, whose tile is passed through) would break NthElement's order.
-    gmax = tf.where(tf.math.is_nan(gmax), -np.inf, gmax)
     bound = tf.raw_ops.NthElement(input=gmax, n=n_groups - k)[..., None]  # [B,R,1]
-    running = _kernel(_cumsum_last, xla)(gmax > bound)  # [B,R,G]
-    n_gt = running[..., -1:]  # [B,R,1], < k
-    slots = tf.range(1, k, dtype=tf.int32)  # k - 1 slots
+    running = _kernel(_running_count_above, xla)(gmax, bound)  # [B,R,G]
     flat = tf.reshape(running, [-1, n_groups])
+    slots = tf.range(1, k, dtype=tf.int32)  # k - 1 slots
     gi = tf.searchsorted(flat, tf.tile(slots[None], [tf.shape(flat)[0], 1]), side="left")
-    gi = tf.minimum(tf.reshape(gi, [b, r, k - 1]), n_groups - 1)
-    vals = tf.gather(tf.reshape(rows, [b, r, n_groups, group]), gi, batch_dims=2)  # [B,R,k-1,group]
-    vals = tf.where(slots[:, None] <= n_gt[..., None], vals, -np.inf)
-    plus = tf.where(tf.range(k - 1)[None, :] < (k - 1 - d)[:, None], np.inf, -np.inf)  # [B,k-1]
-    aug = tf.concat([tf.reshape(vals, [b, r, (k - 1) * group]), tf.broadcast_to(bound, [b, r, k]),
-                     tf.broadcast_to(plus[:, None, :], [b, r, k - 1])], -1)
-    aug = tf.where(tf.math.is_nan(aug), -np.inf, aug)
+    gi = tf.reshape(gi, [b, r, k - 1])
+    aug = _kernel(_candidates, xla, k=k, group=group)(rows, gi, running[..., -1:], bound, d)
     size = (k - 1) * group + k + (k - 1)
     pos = size - k  # ascending position of rank k - 1 from the top
     lo = tf.raw_ops.NthElement(input=aug, n=pos)  # [B,R]
     le, above = _kernel(_next_above, xla)(aug, lo)
-    hi = tf.where((le >= pos + 2) | (d == 0)[:, None], lo, above)
+    hi = tf.where((le >= float(pos + 2)) | tf.equal(d, 0)[:, None], lo, above)
     return lo, hi, t
 
 
@@ -601,8 +627,8 @@ def _angle_rows(od, maskf, plane, group=0):
     px = tf.reduce_sum(od * plane[:, :, 0:1], axis=1)  # on the second eigenvector
     py = tf.reduce_sum(od * plane[:, :, 1:2], axis=1)  # on the largest
     p = pseudo_angle(px, py)
-    m_inf = tf.where(maskf > 0.0, 0.0, -np.inf)
-    rows = tf.stack([p + m_inf, m_inf - p], axis=1)
+    valid = (maskf > 0.0) & tf.logical_not(tf.math.is_nan(p))  # NaN only from NaN/negative float input
+    rows = tf.stack([tf.where(valid, p, -np.inf), tf.where(valid, -p, -np.inf)], axis=1)
     return (rows, _group_max(rows, group)) if group else rows
 
 
@@ -611,6 +637,7 @@ def _concentrations(od, pinv, group=0):
     With ``group``, also its :func:`_group_max`."""
     # (explicit slices, no new-axis indexing: grappler mis-shapes the latter here)
     c = pinv[:, :, 0:1] * od[:, 0:1] + pinv[:, :, 1:2] * od[:, 1:2] + pinv[:, :, 2:3] * od[:, 2:3]
+    c = tf.where(tf.math.is_nan(c), -np.inf, c)  # (the selection needs an order; such tiles pass through)
     return (c, _group_max(c, group)) if group else c
 
 
@@ -630,18 +657,78 @@ def xla_enabled() -> bool:
 
 _KERNELS: Dict[Tuple, Any] = {}
 
+#: XLA:CPU option set by :func:`prefer_sequential_xla_cpu` (see there).
+XLA_CPU_SEQUENTIAL_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+_XLA_CPU_CHECKED = False
+
+
+def _xla_knows_flag(name: str) -> bool:
+    """Whether the installed TensorFlow's XLA defines the debug option ``name`` (its
+    shared libraries hold the name). XLA aborts the process on an unknown flag in
+    ``XLA_FLAGS``, so a flag is only ever added after this check."""
+    import glob
+    import mmap
+
+    root = os.path.dirname(tf.__file__)
+    paths = sorted(glob.glob(os.path.join(root, "libtensorflow_cc*"))
+                   + glob.glob(os.path.join(root, "libtensorflow_framework*"))
+                   + glob.glob(os.path.join(root, "python", "_pywrap_tensorflow_internal*")))
+    needle = name.encode()
+    for path in paths:
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(needle) >= 0:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def prefer_sequential_xla_cpu() -> bool:
+    """Ask XLA:CPU to run each compiled kernel's steps one after another on the calling
+    thread (``--xla_cpu_enable_concurrency_optimized_scheduler=false``); returns whether
+    the flag is in ``XLA_FLAGS`` afterwards.
+
+    By default XLA:CPU runs independent steps of a kernel concurrently on TensorFlow's
+    intra-op pool. The Macenko transform already keeps every core busy with whole
+    chunks of tiles (one chunk per core); the default then makes the two chunks'
+    kernels queue for the same pool: the OD pass alone ran at 3.3 ms per 8 tiles on one
+    stream and 3.6 ms per chunk with two in flight, against 3.0 and 1.7 with the flag,
+    and the whole transform went from ~1,000-1,070 to ~1,280-1,340 tiles/s
+    (``scripts/bench_stain.py``, 2 cores). The flag only changes how XLA:CPU schedules
+    its steps, not what they compute.
+
+    XLA reads ``XLA_FLAGS`` once, at the first XLA compilation of the process, so this
+    is called before the first Macenko kernel is built and has no effect if XLA already
+    compiled something. It adds nothing when the user's ``XLA_FLAGS`` already sets the
+    option, when ``HISTOKD_XLA_CPU_CONCURRENCY=1`` (keep XLA's default), or when the
+    installed XLA does not know the option (XLA would abort on it).
+    """
+    global _XLA_CPU_CHECKED
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _XLA_CPU_CHECKED or XLA_CPU_SEQUENTIAL_FLAG in flags:
+        return XLA_CPU_SEQUENTIAL_FLAG in flags
+    _XLA_CPU_CHECKED = True
+    keep = os.environ.get("HISTOKD_XLA_CPU_CONCURRENCY", "").strip().lower()
+    if keep in ("1", "true", "yes", "on") or not _xla_knows_flag(XLA_CPU_SEQUENTIAL_FLAG):
+        return False
+    os.environ["XLA_FLAGS"] = (flags + f" --{XLA_CPU_SEQUENTIAL_FLAG}=false").strip()
+    return True
+
 
 def _kernel(fn, xla: bool, **static):
     """``fn`` with keyword constants bound, XLA-compiled when ``xla`` (cached per constants).
 
     Only used where every shape is static (fixed tile size); XLA then compiles
-    once per shape. TensorFlow's own kernels run otherwise.
+    once per shape. TensorFlow's own kernels run otherwise. The first XLA kernel
+    calls :func:`prefer_sequential_xla_cpu`.
     """
     if not xla:
         return lambda *a: fn(*a, **static)
     key = (fn.__name__,) + tuple(sorted(static.items()))
     k = _KERNELS.get(key)
     if k is None:
+        prefer_sequential_xla_cpu()
         k = tf.function(lambda *a: fn(*a, **static), jit_compile=True, autograph=False)
         _KERNELS[key] = k
     return k
@@ -838,7 +925,7 @@ def _select_tiles(ok, new, old):
 
 
 #: Tiles per chunk of the transform (see :func:`macenko_transform`).
-DEFAULT_CHUNK_SIZE = 8
+DEFAULT_CHUNK_SIZE = 4
 _PARALLEL_CHUNKS = 2
 
 

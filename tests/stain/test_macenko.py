@@ -1,6 +1,7 @@
 """Macenko core: ground-truth recovery, fits, NumPy API, robustness policy, config."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -406,3 +407,28 @@ def test_many_tile_sizes_share_one_dynamic_graph(monkeypatch):
     static_b = MacenkoNormalizer("torchstain", alpha=1.5)(b)
     diff = np.abs(static_b.astype(int) - out_b)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_prefer_sequential_xla_cpu_respects_the_user_and_unknown_flags(monkeypatch):
+    """The XLA:CPU scheduling flag is added once, only when this XLA knows it (XLA aborts
+    on unknown flags), never over the user's own setting or opt-out."""
+    from histokd.stain import macenko as m
+
+    flag = m.XLA_CPU_SEQUENTIAL_FLAG
+    assert m._xla_knows_flag(flag), "the installed XLA defines the flag (TensorFlow 2.21 does)"
+    assert not m._xla_knows_flag("xla_cpu_no_such_flag_histokd")
+
+    def run(env, knows=True):
+        monkeypatch.setattr(m, "_XLA_CPU_CHECKED", False)
+        monkeypatch.setattr(m, "_xla_knows_flag", lambda name: knows)
+        for key in ("XLA_FLAGS", "HISTOKD_XLA_CPU_CONCURRENCY"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return m.prefer_sequential_xla_cpu(), os.environ.get("XLA_FLAGS")
+
+    assert run({}) == (True, f"--{flag}=false")
+    assert run({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}) == (True, f"--xla_dump_to=/tmp/x --{flag}=false")
+    assert run({"XLA_FLAGS": f"--{flag}=true"}) == (True, f"--{flag}=true")  # the user's choice
+    assert run({"HISTOKD_XLA_CPU_CONCURRENCY": "1"}) == (False, None)
+    assert run({}, knows=False) == (False, None)
