@@ -54,10 +54,12 @@ that (intra-op 1, inter-op 2). XLA:CPU is asked to run each kernel's steps on
 the calling thread (:func:`prefer_sequential_xla_cpu`): by default it spreads
 them over the intra-op pool, where the two chunks' kernels queue behind each
 other (1.65-1.7 cores busy instead of 1.85). ``scripts/bench_stain.py`` (256
-Kather tiles 224x224, 2 cores, medians of 5 runs; AVX-512 Xeon, 2026-12-05):
-1,266 tiles/s against torchstain torch 230, numpy 153, macenko-pca 160 in the
-same run, i.e. 5.5x the fastest peer; floor pass 1,520 (the figures of each
-run are in README.md). What each step bought, side by side on that machine
+Kather tiles 224x224, 2 cores, medians of 5 runs, three runs; AVX-512 Xeon,
+2026-12-05): 1,369-1,407 tiles/s against torchstain torch 238-241, numpy
+153-155, macenko-pca 156-159, tensorflow 35-37 in the same runs, i.e.
+5.75-5.83x the fastest peer, at 91-96 % of the floor pass (1,422-1,500; each
+run's figures are in README.md). With TensorFlow's default pools (2, 2) the
+same machine gives 986 tiles/s (4.1x). What each step bought, side by side on that machine
 (tiles/s, interleaved runs): group-max ``top_k`` selection + shared covariance
 products, the previous design, ~900-990; the ``NthElement`` selection and one
 fused integrand per covariance sum ~1,000-1,070; sequential XLA:CPU kernels
@@ -384,6 +386,11 @@ def _top_desc(rows, k, group: int = 16, gmax=None, sort: bool = True):
     return tf.sort(top, axis=-1, direction="DESCENDING") if sort else top
 
 
+def _lerp(lo, hi, t):
+    """np.percentile's linear interpolation, evaluated from the nearer end like numpy."""
+    return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
+
+
 def _percentile_from_top(top, counts, q, value_fn=None, presorted=True):
     """``np.percentile(valid, q)`` (linear) from the top values of a row.
 
@@ -425,13 +432,7 @@ def _percentile_from_top(top, counts, q, value_fn=None, presorted=True):
         hi = tf.gather(asc, b_hi[:, None], batch_dims=1)[:, 0]
     if value_fn is not None:
         lo, hi = value_fn(lo), value_fn(hi)
-    # np.percentile's lerp, evaluated from the nearer end like numpy.
-    return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
-
-
-def _lerp(lo, hi, t):
-    """np.percentile's linear interpolation, evaluated from the nearer end like numpy."""
-    return tf.where(t >= 0.5, hi - (hi - lo) * (1.0 - t), lo + (hi - lo) * t)
+    return _lerp(lo, hi, t)
 
 
 _TRI64 = np.triu(np.ones((64, 64), np.float32))
@@ -484,8 +485,8 @@ def _upper_order_stats(rows, gmax, counts, q, k, group, xla=False):
     upper-tail ``q`` (>= 50), selected exactly with two ``NthElement`` calls on small arrays.
 
     ``rows`` holds N values per row (invalid ones -inf, no NaN: the per-pixel passes
-    map NaN to -inf), ``gmax`` the maxima of its consecutive groups of ``group`` entries. With d the rank from the top of the lower
-    order statistic (d <= k - 1):
+    map NaN to -inf), ``gmax`` the maxima of its consecutive groups of ``group``
+    entries. With d the rank from the top of the lower order statistic (d <= k - 1):
 
     1. ``bound`` = the k-th largest group maximum (``NthElement`` over N/group values).
        At least k entries are >= bound, so the row's top k all are; every entry
