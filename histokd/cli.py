@@ -164,7 +164,7 @@ def _cmd_data(args):
 def _cmd_normalize(args):
     from histokd.stain import normalize_folder
     from histokd.stain.macenko import _PARALLEL_CHUNKS
-    from histokd.train import apply_cpu_threads
+    from histokd.runtime import apply_cpu_threads
 
     # one group of cores per chunk of tiles in flight (before TensorFlow's first op)
     apply_cpu_threads(args.cpu_threads, streams=_PARALLEL_CHUNKS)

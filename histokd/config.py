@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from histokd.errors import ConfigError
+from histokd.runtime import parse_cpu_threads  # noqa: F401  (train.cpu_threads is checked here)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -441,23 +442,6 @@ def _build(cls, data: dict, where: str):
         kwargs[key] = _coerce(value, hints[key], path)
     obj = cls(**kwargs)
     return obj
-
-
-def parse_cpu_threads(setting) -> "tuple[int, int] | str":
-    """``train.cpu_threads`` → ``"auto"``, ``"default"`` or ``(intra, inter)``.
-
-    Raises:
-        ConfigError: anything else, with the accepted forms.
-    """
-    text = str(setting).strip().lower()
-    if text in ("auto", "default"):
-        return text
-    parts = text.replace(" ", "").split(",")
-    if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
-        return int(parts[0]), int(parts[1])
-    raise ConfigError(
-        f"the CPU thread setting (train.cpu_threads, histokd normalize --cpu-threads) must be "
-        f"'auto', 'default' or 'INTRA,INTER' (two positive integers, e.g. '1,2'), got {setting!r}")
 
 
 def _validate(cfg: RunConfig):

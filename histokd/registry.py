@@ -1,17 +1,35 @@
-"""Name → factory registries for backbones, methods, losses, view makers, datasets."""
+"""Name → class registries: the only place histokd dispatches on a name.
+
+Backbones, methods, losses, view kinds, data sources and tasks register themselves
+under a lower_snake key when their module is imported. A registry knows which
+built-in modules hold its entries and imports them the first time it is asked for a
+name, so ``METHODS.get("vicreg")`` works without importing the method modules first,
+and a plugin of the user's (a method defined in their own file) joins by importing
+``histokd.registry`` and calling :meth:`Registry.register`.
+
+Example:
+    >>> from histokd.registry import METHODS
+    >>> @METHODS.register("my_method")
+    ... class MyMethod(Method): ...
+    >>> METHODS.get("my_method") is MyMethod
+    True
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import importlib
+from typing import Callable, Dict, Iterable
 
 from histokd.errors import RegistryError
 
 
 class Registry:
-    """A named mapping from lower_snake keys to factories.
+    """A named mapping from lower_snake keys to classes or factories.
 
     Args:
         kind: str. What the registry holds ("backbone", "loss", ...), used in errors.
+        plugins: iterable of str. Modules whose import registers the built-in entries;
+            imported on the first look-up.
 
     Example:
         >>> BACKBONES = Registry("backbone")
@@ -19,11 +37,21 @@ class Registry:
         ... def make(**kw): ...
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, plugins: Iterable[str] = ()):
         self.kind = kind
         self._items: Dict[str, Callable] = {}
+        self._plugins = tuple(plugins)
+        self._loaded = not self._plugins
+
+    def _load(self):
+        if not self._loaded:
+            self._loaded = True  # first, so a plugin that looks itself up does not recurse
+            for module in self._plugins:
+                importlib.import_module(module)
 
     def register(self, name: str, obj: Callable | None = None):
+        """Register ``obj`` under ``name`` (usable as a decorator). Registering another
+        object under a taken name raises :class:`RegistryError`."""
         def deco(fn):
             if name in self._items and self._items[name] is not fn:
                 raise RegistryError(f"{self.kind} {name!r} is registered twice")
@@ -32,7 +60,12 @@ class Registry:
 
         return deco(obj) if obj is not None else deco
 
+    def unregister(self, name: str):
+        """Remove ``name`` (tests that register a throw-away entry clean up with this)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> Callable:
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -41,14 +74,23 @@ class Registry:
             ) from None
 
     def names(self):
+        self._load()
         return sorted(self._items)
 
+    def items(self):
+        self._load()
+        return sorted(self._items.items())
+
     def __contains__(self, name):
+        self._load()
         return name in self._items
 
 
-BACKBONES = Registry("backbone")
-METHODS = Registry("method")
-LOSSES = Registry("loss")
-VIEWS = Registry("view maker")
-DATASETS = Registry("dataset source")
+BACKBONES = Registry("backbone", ["histokd.backbones"])
+METHODS = Registry("method", ["histokd.methods"])
+LOSSES = Registry("loss", ["histokd.losses"])
+VIEWS = Registry("view kind", ["histokd.data.views"])
+SOURCES = Registry("data source", ["histokd.data.sources"])
+TASKS = Registry("task", ["histokd.tasks"])
+#: Former name of :data:`SOURCES`.
+DATASETS = SOURCES

@@ -22,14 +22,12 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import keras
-import tensorflow as tf
 
-from histokd.config import RunConfig, parse_cpu_threads
+from histokd.config import RunConfig
 from histokd.errors import CollapseError, ConfigError, HistokdError
 from histokd.data.datasets import (  # noqa: F401  (also re-exported for scripts and tests)
     branch_input_kinds,
@@ -39,110 +37,13 @@ from histokd.data.datasets import (  # noqa: F401  (also re-exported for scripts
     train_dataset,
     val_dataset,
 )
-from histokd.methods.base import available_cpus, mirrored_strategy
-
-
-# ---------------------------------------------------------------------------------------
-# CPU threads
-# ---------------------------------------------------------------------------------------
-#: Methods whose training step runs one encoder chain per view: the two chains share no
-#: op until the loss, so TensorFlow's executor can run them side by side.
-TWO_VIEW_METHODS = ("vicreg", "simclr", "moby")
-
-
-def cpu_thread_plan(setting, method: str | None = None, cpus: int | None = None, gpus: int = 0,
-                    streams: int | None = None):
-    """TensorFlow thread-pool sizes ``(intra_op, inter_op)`` for a job, or None (TF's defaults).
-
-    ``auto`` on a machine without GPUs, for a job made of ``streams`` ≥ 2 independent
-    chains of kernels — a two-view method's training step (VICReg, SimCLR, MoBY: one
-    encoder chain per view), the Macenko transform (two chunks of tiles in flight):
-    inter-op ``streams`` and intra-op ``cpus // streams``, one group of cores per chain.
-    Each chain then runs on its own cores instead of every kernel being split over all
-    cores while the other chain's kernels compete for them. Measured on 2 cores:
-    ResNet-50 VICReg step (``scripts/bench_train_step.py``) 77–79 views/s with (1, 2)
-    against 73.5–75 with TensorFlow's default pools; Macenko on 256 tiles 930–940
-    against 877 tiles/s. One-chain jobs and GPU machines keep TensorFlow's defaults.
-
-    Args:
-        setting: ``"auto"``, ``"default"`` or ``"INTRA,INTER"`` (``train.cpu_threads``).
-        method: str. ``model.method``; sets ``streams`` (2 for two-view methods, else 1).
-        cpus: int. Cores available (default: ``os.sched_getaffinity`` / ``os.cpu_count``).
-        gpus: int. Visible GPUs.
-        streams: int. Independent chains of the job (overrides ``method``).
-    """
-    plan = parse_cpu_threads(setting)
-    if isinstance(plan, tuple):
-        return plan
-    if streams is None:
-        streams = 2 if method in TWO_VIEW_METHODS else 1
-    if plan == "default" or gpus > 0 or streams < 2:
-        return None
-    if cpus is None:
-        cpus = available_cpus()
-    if cpus < streams:
-        return None
-    return max(1, cpus // streams), streams
-
-
-def apply_cpu_threads(setting, method: str | None = None, streams: int | None = None):
-    """Set TensorFlow's thread pools per :func:`cpu_thread_plan`; returns what was set.
-
-    The pools can only be sized before TensorFlow runs its first op. When it already
-    has (a notebook that ran TensorFlow code first), an explicit ``INTRA,INTER`` warns
-    and ``auto`` quietly keeps the pools as they are.
-    """
-    gpus = len(tf.config.list_physical_devices("GPU"))
-    plan = cpu_thread_plan(setting, method, gpus=gpus, streams=streams)
-    if plan is None:
-        return None
-    intra, inter = plan
-    threading_cfg = tf.config.threading
-    if (threading_cfg.get_intra_op_parallelism_threads() == intra
-            and threading_cfg.get_inter_op_parallelism_threads() == inter):
-        return plan
-    try:
-        threading_cfg.set_intra_op_parallelism_threads(intra)
-        threading_cfg.set_inter_op_parallelism_threads(inter)
-    except RuntimeError:
-        if parse_cpu_threads(setting) != "auto":
-            warnings.warn(
-                f"cpu threads {setting!r} not applied: TensorFlow was already running in "
-                "this process (thread pools are fixed at its first op); run the histokd "
-                "command in a fresh process to use it", stacklevel=2)
-        return None
-    return plan
-
-
-# ---------------------------------------------------------------------------------------
-# strategy
-# ---------------------------------------------------------------------------------------
-def make_strategy(name: str = "auto"):
-    """Choose a ``tf.distribute`` strategy.
-
-    ``auto``: MultiWorkerMirrored when ``TF_CONFIG`` lists several workers, Mirrored over
-    all GPUs when there are 2+, else the default strategy. ``one_device``: the first GPU or
-    the CPU. ``mirrored``: all local GPUs (or CPUs). ``multi_worker``: from ``TF_CONFIG``.
-    """
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    workers = tf_config.get("cluster", {}).get("worker", [])
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "auto":
-        if len(workers) > 1:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        if len(gpus) > 1:
-            return mirrored_strategy()
-        return tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if name == "mirrored":
-        return mirrored_strategy()
-    if name == "multi_worker":
-        if not workers:
-            raise ConfigError("train.strategy=multi_worker needs TF_CONFIG naming the cluster's workers "
-                              "(see README: multi-worker training)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ConfigError(f"unknown train.strategy {name!r}")
+from histokd.optimizers import FusedAdam, FusedAdamW, adam, warmup_cosine  # noqa: F401  (re-exported)
+from histokd.runtime import (  # noqa: F401  (re-exported: the runner's process settings)
+    apply_cpu_threads,
+    cpu_thread_plan,
+    make_strategy,
+    thread_pools,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,80 +186,12 @@ def load_trained_model(run_dir, num_classes=None):
     return model, cfg
 
 
-class _FusedAdamUpdate:
-    """Adam's update as one fused TensorFlow kernel per variable (mixin for Adam / AdamW).
-
-    Keras 3 writes Adam's update as ~10 element-wise ops per variable, each streaming
-    the variable-sized tensors through memory once more; TensorFlow's
-    ``ResourceApplyAdam`` kernel does the same update in one pass:
-    ``m += (g - m)(1 - β1)``, ``v += (g² - v)(1 - β2)``,
-    ``var -= lr·sqrt(1 - β2^t)/(1 - β1^t) · m / (sqrt(v) + ε)`` — Keras' formula,
-    ε included the same way (Kingma & Ba 2015, Algorithm 1 with the "ε-hat" form).
-    On a ViT-S/16 training step (22 M parameters) this is ~5 % of the step. Same
-    config and slot variables as the Keras class, so checkpoints are interchangeable;
-    anything the kernel does not cover (another backend, AMSGrad, sparse or
-    differently-typed gradients) runs Keras' own update.
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if (keras.backend.backend() != "tensorflow" or self.amsgrad
-                or not isinstance(gradient, tf.Tensor) or isinstance(gradient, tf.IndexedSlices)):
-            return super().update_step(gradient, variable, learning_rate)
-        var = variable.value if isinstance(variable, keras.Variable) else variable
-        index = self._get_variable_index(variable)
-        m = self._momentums[index].value
-        v = self._velocities[index].value
-        dtype = var.dtype
-        if dtype not in (tf.float32, tf.float64) or not all(
-                hasattr(t, "handle") for t in (var, m, v)):
-            return super().update_step(gradient, variable, learning_rate)
-        step = tf.cast(self.iterations + 1, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=var.handle, m=m.handle, v=v.handle,
-            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
-            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
-            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
-            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype), use_locking=False, use_nesterov=False)
-
-
-@keras.saving.register_keras_serializable(package="histokd")
-class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
-    """``keras.optimizers.Adam`` with a one-kernel update on TensorFlow (see :class:`_FusedAdamUpdate`).
-
-    The optimizer of the More From Less runs (§2.2: Adam, lr 1e-4, warm-up + cosine).
-
-    Example:
-        >>> opt = FusedAdam(1e-4)
-        >>> model.compile(optimizer=opt)
-    """
-
-
-@keras.saving.register_keras_serializable(package="histokd")
-class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
-    """``keras.optimizers.AdamW`` (decoupled weight decay, applied by Keras before the
-    update) with the one-kernel Adam update on TensorFlow.
-
-    Example:
-        >>> opt = FusedAdamW(1e-4, weight_decay=0.05)
-    """
-
-
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
-    """Adam with a linear warm-up then cosine decay (More From Less §2.2, Goyal et al. 2017)."""
+    """Adam (AdamW with ``train.weight_decay``) with a linear warm-up then cosine decay
+    (More From Less §2.2, Goyal et al. 2017)."""
     t = cfg.train
-    total = max(1, t.epochs * steps_per_epoch)
-    warmup = int(round(t.warmup_epochs * steps_per_epoch))
-    warmup = min(warmup, total - 1)
-    if warmup > 0:
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0, decay_steps=total - warmup, alpha=0.0,
-            warmup_target=t.lr, warmup_steps=warmup)
-    else:
-        schedule = keras.optimizers.schedules.CosineDecay(initial_learning_rate=t.lr, decay_steps=total)
-    if t.weight_decay > 0:
-        return FusedAdamW(schedule, weight_decay=t.weight_decay)
-    return FusedAdam(schedule)
+    schedule = warmup_cosine(t.lr, t.epochs * steps_per_epoch, int(round(t.warmup_epochs * steps_per_epoch)))
+    return adam(schedule, t.weight_decay)
 
 
 class CollapseMonitor(keras.callbacks.Callback):
@@ -570,8 +403,7 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
                         "seconds": round(train_seconds, 1), "replicas": replicas,
                         "config_hash": cfg.hash(),
                         # TensorFlow's thread pools during the run (0 = TensorFlow's default)
-                        "cpu_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-                                        "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}}
+                        "cpu_threads": thread_pools()}
     if stain is not None:
         results["stain"] = stain.counts()  # tiles seen / passed through unchanged (robustness policy)
     export_run(cfg, eval_model, results.pop("_heads"), source, run_dir, stain=stain)

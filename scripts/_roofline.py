@@ -72,14 +72,14 @@ def graph_flops(fn, *input_signature) -> int:
 def concurrent_slots() -> int:
     """Kernels this process can run at once: cores // intra-op threads, at most the
     inter-op threads (1 with TensorFlow's default pools); ``histokd.methods.base.kernel_slots``."""
-    from histokd.methods.base import kernel_slots
+    from histokd.runtime import kernel_slots
 
     return kernel_slots()
 
 
 def slots_for(cores: int, intra: int, inter: int) -> int:
     """:func:`concurrent_slots` for given pool sizes (0 = TensorFlow's default: all cores)."""
-    from histokd.methods.base import kernel_slots
+    from histokd.runtime import kernel_slots
 
     return kernel_slots(cores, intra, inter)
 

@@ -247,7 +247,7 @@ class KerasSide:
         self.loaded = report["loaded"]
         self.x = tf.constant(x)
         model = self.model
-        from histokd.train import FusedAdam
+        from histokd.optimizers import FusedAdam
 
         self.optimizer = keras.optimizers.Adam(lr) if stock_adam else FusedAdam(lr)
         variables = model.trainable_variables

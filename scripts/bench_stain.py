@@ -111,7 +111,7 @@ def main(argv=None):
 
     if args.threads == "histokd":
         from histokd.stain.macenko import _PARALLEL_CHUNKS
-        from histokd.train import apply_cpu_threads
+        from histokd.runtime import apply_cpu_threads
 
         apply_cpu_threads("auto", streams=_PARALLEL_CHUNKS)  # as `histokd normalize` does
 

@@ -132,7 +132,7 @@ def _keras_setup(args):
         if args.inter:
             tf.config.threading.set_inter_op_parallelism_threads(args.inter)
     elif args.threads == "histokd":
-        from histokd.train import apply_cpu_threads
+        from histokd.runtime import apply_cpu_threads
 
         apply_cpu_threads("auto", "vicreg")
     return tf
@@ -232,7 +232,7 @@ class HistokdStep:
         import histokd  # noqa: F401
         from histokd.backbones import make_backbone
         from histokd.methods.joint_embedding import JointEmbedding
-        from histokd.train import FusedAdam
+        from histokd.optimizers import FusedAdam
 
         self.mode = mode
         encoder = make_backbone("resnet50", args.size, fused_bn=fused_bn)

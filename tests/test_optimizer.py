@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from histokd.train import FusedAdam, FusedAdamW
+from histokd.optimizers import FusedAdam, FusedAdamW
 
 CASES = [(FusedAdam, keras.optimizers.Adam, {}),
          (FusedAdamW, keras.optimizers.AdamW, {"weight_decay": 0.1})]

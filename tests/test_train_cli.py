@@ -128,9 +128,9 @@ def test_killed_run_resumes_with_same_step_count(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 3 * metrics["train"]["steps_per_epoch"]
     # a fresh `histokd train` process sizes TensorFlow's pools per train.cpu_threads=auto
-    from histokd.train import cpu_thread_plan
+    from histokd.runtime import cpu_thread_plan
 
-    from histokd.methods.base import available_cpus
+    from histokd.runtime import available_cpus
 
     plan = cpu_thread_plan("auto", "vicreg", cpus=available_cpus())
     expected = {"intra_op": plan[0], "inter_op": plan[1]} if plan else {"intra_op": 0, "inter_op": 0}
@@ -140,7 +140,7 @@ def test_killed_run_resumes_with_same_step_count(tmp_path):
 def test_cpu_thread_plan():
     from histokd.config import parse_cpu_threads
     from histokd.errors import ConfigError
-    from histokd.train import cpu_thread_plan
+    from histokd.runtime import cpu_thread_plan
 
     # auto: one group of cores per view for two-view methods on CPU, TF's defaults otherwise
     assert cpu_thread_plan("auto", "vicreg", cpus=2) == (1, 2)
@@ -168,7 +168,7 @@ def test_cpu_threads_config_key_validated(tmp_path, capsys):
 def test_explicit_cpu_threads_warn_when_tensorflow_already_runs():
     import tensorflow as tf
 
-    from histokd.train import apply_cpu_threads
+    from histokd.runtime import apply_cpu_threads
 
     tf.constant(1.0) + 1.0  # TensorFlow is running in this process: pools are fixed
     before = (tf.config.threading.get_intra_op_parallelism_threads(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import tensorflow as tf
 from keras import ops
 
+from histokd.runtime import available_cpus, kernel_slots, kernels_side_by_side, mirrored_strategy  # noqa: F401
+
 
 def gather_across_replicas(z):
     """Concatenate ``z`` from every replica along the batch axis, keeping gradients local.
@@ -32,48 +34,6 @@ def gather_across_replicas(z):
     n = tf.shape(z)[0]
     rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
     return tf.concat([everyone[: rid * n], z, everyone[(rid + 1) * n:]], axis=0)
-
-
-def available_cpus() -> int:
-    """Cores this process may run on (its CPU affinity where the OS reports it)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def kernel_slots(cores=None, intra=None, inter=None) -> int:
-    """How many kernels TensorFlow's pools run at once on this CPU process:
-    cores // intra-op threads, at most the inter-op threads (1 with TensorFlow's default
-    pools, 2 with ``histokd train``'s plan for two-view methods on a CPU,
-    :func:`histokd.train.cpu_thread_plan`).
-
-    Args:
-        cores, intra, inter: int. Overrides of the process's values; 0 = TF's default
-            (all cores).
-    """
-    if cores is None:
-        cores = available_cpus()
-    if intra is None:
-        intra = tf.config.threading.get_intra_op_parallelism_threads()
-    if inter is None:
-        inter = tf.config.threading.get_inter_op_parallelism_threads()
-    intra = intra or cores
-    inter = inter or cores
-    return max(1, min(inter, cores // max(intra, 1)))
-
-
-def kernels_side_by_side(cores=None, intra=None, inter=None) -> bool:
-    """Whether the pools run kernels side by side (:func:`kernel_slots` >= 2), each
-    view's chain on its own cores. Methods then keep per-view work in separate chains
-    rather than merging it into one (single-pool) kernel.
-
-    Args:
-        cores, intra, inter: as for :func:`kernel_slots`.
-    """
-    return kernel_slots(cores, intra, inter) >= 2
 
 
 def num_replicas():
@@ -139,27 +99,3 @@ def _all_layers(obj):
                 stack.append(v)
             elif isinstance(v, (list, tuple)):
                 stack.extend(x for x in v if hasattr(x, "built") and hasattr(x, "weights"))
-
-
-_KEY_BASES = iter(range(10_000, 10**9, 100_000))
-
-
-def mirrored_strategy(devices=None):
-    """A ``MirroredStrategy`` whose collective keys cannot collide with earlier ones.
-
-    Every MirroredStrategy made in one process starts its collective group keys at the
-    same number; a second strategy that runs a different program (a notebook that
-    pre-trains, then distils) then fails on the runtime's cached collective parameters
-    ("Collective instance ... expected type"). Giving each strategy its own key range
-    avoids it.
-
-    Args:
-        devices: list of str. Devices to mirror over (default: all local GPUs, else CPU).
-    """
-    cls = tf.distribute.MirroredStrategy
-    old = cls._collective_key_base
-    cls._collective_key_base = next(_KEY_BASES)
-    try:
-        return cls(devices)
-    finally:
-        cls._collective_key_base = old

@@ -55,6 +55,9 @@ class JointEmbedding(keras.Model):
         >>> model.compile(optimizer="adam")
     """
 
+    #: one encoder chain per view: the runtime's CPU thread plan runs them side by side
+    cpu_streams = 2
+
     def __init__(self, encoder_a, encoder_b=None, shared=False, expander_dims=(8192, 8192, 8192),
                  loss="vicreg", loss_kwargs=None, expander_a=None, expander_b=None, **kwargs):
         super().__init__(**kwargs)

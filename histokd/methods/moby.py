@@ -154,6 +154,9 @@ class MoBY(keras.Model):
         >>> moby.encoder.save("online_encoder.keras")
     """
 
+    #: one encoder chain per view: the runtime's CPU thread plan runs them side by side
+    cpu_streams = 2
+
     def __init__(self, encoder, image_shape=None, hidden_dim=4096, out_dim=256, proj_layers=2, pred_layers=2,
                  temperature=0.2, queue_size=4096, base_momentum=0.99, total_steps=None, synchronized_bn=True,
                  target_training=True, seed=0, **kwargs):

@@ -252,7 +252,7 @@ def test_auto_stages_from_backbones_and_student_export(tmp_path):
     assert clone.stage_pairs == d.stage_pairs and clone.student_outputs == "probabilities"
 
 
-from histokd.methods.base import mirrored_strategy as fresh_mirrored  # noqa: E402
+from histokd.runtime import mirrored_strategy as fresh_mirrored  # noqa: E402
 
 
 def bn_classifier(widths, name, strides):

@@ -8,7 +8,8 @@ import tensorflow as tf
 import histokd  # noqa: F401
 from histokd.errors import ConfigError
 from histokd.methods import JointEmbedding
-from histokd.methods.base import mirrored_strategy, synchronize_batchnorm
+from histokd.methods.base import synchronize_batchnorm
+from histokd.runtime import mirrored_strategy
 from harness import assert_saved_model_roundtrip, assert_all_grads
 
 
@@ -148,7 +149,7 @@ def test_shared_branches_same_result_merged_or_side_by_side(monkeypatch):
     TensorFlow's default pools and per view when histokd train's CPU thread plan runs the
     views side by side; both give the same embeddings and BatchNorm statistics."""
     import histokd.methods.joint_embedding as je
-    from histokd.methods.base import kernels_side_by_side
+    from histokd.runtime import kernels_side_by_side
 
     assert kernels_side_by_side(cores=2, intra=1, inter=2)
     assert kernels_side_by_side(cores=16, intra=8, inter=2)

@@ -181,7 +181,7 @@ def test_serialization_and_encoder_export(tmp_path):
     assert not {id(v) for v in back.trainable_variables} & {id(v) for v in back.target_encoder.weights}
 
 
-from histokd.methods.base import mirrored_strategy as fresh_mirrored  # noqa: E402
+from histokd.runtime import mirrored_strategy as fresh_mirrored  # noqa: E402
 
 
 def _run(strategy, x, init_weights, epochs=2):

@@ -94,7 +94,7 @@ def test_target_image_file(tree, tmp_path):
 
 def test_normalize_cli_and_its_cpu_threads_option(tree, tmp_path, capsys):
     from histokd.cli import main
-    from histokd.train import cpu_thread_plan
+    from histokd.runtime import cpu_thread_plan
 
     dst = tmp_path / "dst_cli"
     # the command sizes TensorFlow's pools for its two chunk streams when it starts a
