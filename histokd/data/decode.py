@@ -4,8 +4,9 @@ One numpy decoder (OpenCV, with tifffile and Pillow as fall-backs) for PNG, JPEG
 TIFF, BMP and GIF; 8- or 16-bit; grey, grey+alpha, RGB or RGBA. It is used by
 ``histokd data prepare`` (which writes lossless PNG TFRecords so that training
 never decodes TIFF in Python) and as the fall-back decoder of the tf.data
-pipeline. The in-graph decoder of :mod:`histokd.data.pipeline` follows exactly the
-same conversion rules, so both paths give identical pixels:
+pipeline. The in-graph decoder (:func:`decode_image_tf`, used by the tf.data
+pipeline) follows exactly the same conversion rules, so both paths give identical
+pixels:
 
 * 16-bit samples become 8-bit by ``round(x / 257)`` (65535 → 255, exact inverse of
   the usual 8 → 16 bit expansion ``v * 257``).
@@ -289,3 +290,76 @@ def decode_image_file(path: str) -> np.ndarray:
     except OSError as exc:
         raise BadImageError(f"cannot read image {path!r}: {exc}; {_HINT}") from None
     return decode_image_bytes(data, name=str(path))
+
+
+# --------------------------------------------------------------------------- in-graph decoding
+# The tf.data twins of the numpy decoder above (same conversion rules); TensorFlow is
+# imported inside them so that this module stays importable without it.
+def _composite_on_white(tf, colour, alpha):
+    c = tf.cast(colour, tf.int32)
+    a = tf.cast(alpha, tf.int32)
+    return tf.cast((c * a + 255 * (255 - a) + 127) // 255, tf.uint8)
+
+
+def to_rgb_tf(img):
+    """``[H, W, C]`` uint8 with C in 1..4 → ``[H, W, 3]`` (grey repeated, alpha on white)."""
+    import tensorflow as tf
+
+    c = tf.shape(img)[-1]
+    branches = [
+        lambda: tf.repeat(img[..., :1], 3, axis=-1),
+        lambda: tf.repeat(_composite_on_white(tf, img[..., :1], img[..., 1:2]), 3, axis=-1),
+        lambda: img[..., :3],
+        lambda: _composite_on_white(tf, img[..., :3], img[..., 3:4]),
+    ]
+    out = tf.switch_case(tf.clip_by_value(c - 1, 0, 3), branches)
+    out.set_shape([None, None, 3])
+    return out
+
+
+def decode_image_tf(data):
+    """Decode PNG (8/16-bit), JPEG, BMP or GIF bytes in graph → uint8 ``[H, W, 3]``.
+
+    16-bit PNG samples become ``round(x / 257)``; 8-bit PNGs are read as 16-bit too
+    (libpng expands ``v`` to ``v * 257``) so one exact formula covers both. JPEGs
+    use the accurate integer IDCT, which matches OpenCV bit for bit.
+    Animated GIFs give their first frame (GIF transparency is ignored, unlike the
+    numpy decoder).
+    """
+    import tensorflow as tf
+
+    head = tf.strings.substr(data, 0, 8)
+    kind = tf.where(tf.equal(head, b"\x89PNG\r\n\x1a\n"), 0,
+                    tf.where(tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff"), 1, 2))
+
+    def png():
+        x = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
+        return tf.cast((tf.cast(x, tf.int32) + 128) // 257, tf.uint8)
+
+    def jpeg():
+        # ISLOW IDCT + fancy upsampling: bit-identical to OpenCV's (libjpeg-turbo) decoder
+        return tf.io.decode_jpeg(data, channels=0, dct_method="INTEGER_ACCURATE")
+
+    def other():
+        return tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+
+    img = tf.switch_case(kind, [png, jpeg, other])
+    return to_rgb_tf(img)
+
+
+def resize_tf(img, image_size):
+    """Resize ``[H, W, 3]`` uint8 to ``image_size`` (antialiased bilinear), skipped if equal."""
+    import tensorflow as tf
+
+    if image_size is None:
+        return img
+    size = int(image_size)
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+
+    def do():
+        r = tf.image.resize(tf.cast(img, tf.float32), [size, size], method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(r), 0.0, 255.0), tf.uint8)
+
+    out = tf.cond(tf.logical_and(tf.equal(h, size), tf.equal(w, size)), lambda: img, do)
+    out.set_shape([size, size, 3])
+    return out

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import csv
 import datetime
 import json
@@ -38,25 +37,20 @@ import math
 import os
 import re
 import time
-from collections import deque
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from histokd.data.decode import decode_image_bytes, decode_image_file, quiet_opencv  # noqa: F401 (re-exported)
-from histokd.data.sources import SPLITS, Source, TFRecordSource, source_from_path
+from histokd.data.sources import SPLITS, Source, source_from_path
+from histokd.data.sources.base import _bounded_map, _tqdm  # noqa: F401 (re-exported)
+from histokd.data.sources.tfrecord import parse_example  # noqa: F401 (re-exported)
 from histokd.errors import BadImageError, DataError
 
 SHARD_PATTERN = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$")
 FORMAT_VERSION = 1
 _BAD_HINT = "re-run with `--set data.on_bad_image=skip` (or on_bad_image='skip') to skip and list bad images"
-
-
-def _tqdm(total, desc, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=None if enabled else True, leave=False)
 
 
 def resize_image(img: np.ndarray, size) -> np.ndarray:
@@ -84,22 +78,6 @@ def encode_png(img: np.ndarray, compression: int = 1) -> bytes:
     if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
         raise DataError(f"could not PNG-encode an image of shape {img.shape}")
     return buf.tobytes()
-
-
-def _bounded_map(fn, items, workers, window):
-    """Ordered ``map`` on a thread pool with at most ``window`` tasks in flight."""
-    if workers <= 1:
-        for it in items:
-            yield fn(it)
-        return
-    with cf.ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for it in items:
-            pending.append(pool.submit(fn, it))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _example(tf, png: bytes, h: int, w: int, label: int, rec) -> bytes:
@@ -167,18 +145,19 @@ def prepare(source: Source, out_dir, image_size=None, shard_size: int = 1024, on
 
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    if isinstance(source, TFRecordSource):
-        raise DataError(f"{source.directory} is already a prepared TFRecord dataset; read it directly")
     if int(shard_size) < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
     t0 = time.time()
+    splits = source.splits
+    if not splits:
+        raise DataError(f"{source!r} has no examples to prepare")
+    # each source says how its images are read; one that cannot be prepared (already
+    # TFRecords, mask pairs) refuses here, before anything is written
+    readers = {split: source.prepare_reader(split) for split in splits}
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
     workers = int(num_workers or os.cpu_count() or 1)
-    splits = source.splits
-    if not splits:
-        raise DataError(f"{source!r} has no examples to prepare")
     total = sum(source.num_examples(s) for s in splits)
     counts, shards_by_split, skipped, sizes = {}, {}, [], set()
     class_counts = {}
@@ -186,29 +165,19 @@ def prepare(source: Source, out_dir, image_size=None, shard_size: int = 1024, on
     bar = _tqdm(total, "prepare", progress)
     try:
         for split in splits:
-            plan = source.plan(split)
-            recs = plan.records
+            recs, labels, load = readers[split]
             n = len(recs)
             nshards = max(1, math.ceil(n / int(shard_size)))
             names = [f"{split}-{i:05d}-of-{nshards:05d}.tfrecord" for i in range(nshards)]
 
-            if plan.kind == "arrays":
-                def work(i, _x=plan.images):
-                    img = resize_image(_x[i], image_size) if image_size else _x[i]
-                    return i, img.shape[:2], encode_png(img, png_compression), None
-                labels = [int(v) for v in plan.labels]
-            elif plan.kind in ("files", "mixed"):
-                def work(i, _r=recs):
-                    try:
-                        img = decode_image_file(_r[i].path)
-                    except BadImageError as exc:
-                        return i, None, None, str(exc)
-                    if image_size:
-                        img = resize_image(img, image_size)
-                    return i, img.shape[:2], encode_png(img, png_compression), None
-                labels = [r.label for r in recs]
-            else:
-                raise DataError(f"cannot prepare split {split!r} of kind {plan.kind!r}")
+            def work(i, _load=load):
+                try:
+                    img = _load(i)
+                except BadImageError as exc:
+                    return i, None, None, str(exc)
+                if image_size:
+                    img = resize_image(img, image_size)
+                return i, img.shape[:2], encode_png(img, png_compression), None
 
             written = 0
             cc = np.zeros(source.num_classes, np.int64)
@@ -286,29 +255,6 @@ def prepare(source: Source, out_dir, image_size=None, shard_size: int = 1024, on
     _write_json(out / "dataset.json", meta)
     return {"out_dir": str(out), "counts": meta["counts"], "num_skipped": len(skipped), "skipped": skipped,
             "shards": shards_by_split, "image_size": size, "seconds": round(time.time() - t0, 2)}
-
-
-def parse_example(serialized):
-    """Parse one serialized example written by :func:`prepare` (graph-mode).
-
-    Returns:
-        dict with ``image`` (uint8 ``[H, W, 3]``), ``label`` (int64) and the other features.
-    """
-    import tensorflow as tf
-
-    spec = {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-        "height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-        "width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-        "slide_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "patient_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "source_path": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "mpp": tf.io.FixedLenFeature([], tf.float32, default_value=-1.0),
-    }
-    ex = tf.io.parse_single_example(serialized, spec)
-    ex["image"] = tf.io.decode_png(ex["image"], channels=3, dtype=tf.uint8)
-    return ex
 
 
 def prepare_cli(src, out, image_size=None, on_bad_image="error", shard_size=1024, val_fraction=0.2,
