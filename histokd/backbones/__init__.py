@@ -1,11 +1,16 @@
 """Image encoders ("backbones"): [0, 1] RGB images ``[B, H, W, 3]`` → pooled features ``[B, D]``.
 
 Every backbone normalises its input itself and lists the layer names of its
-stage outputs in ``backbone.stage_names``. Build one by registry name::
+stage outputs in ``backbone.stage_names``. Each family module registers its
+names (``histokd.registry.BACKBONES``), the tiny options that build each name
+fast (:func:`tiny_kwargs`) and its checkpoint layouts
+(:mod:`histokd.backbones.layouts`). Build one by registry name, or from a
+Hugging Face model folder::
 
-    from histokd.backbones import make_backbone
+    from histokd.backbones import from_pretrained, make_backbone
     encoder = make_backbone("resnet50", 224)                       # paper encoder
     small = make_backbone("resnet18", 64, width=0.25, small_input=True)  # CPU tests
+    vit = from_pretrained("hf_models/vit-base-patch16-224")        # config.json + weights
 """
 
 from __future__ import annotations
@@ -15,32 +20,47 @@ import inspect
 import keras
 
 from histokd.backbones.base import Backbone, BatchNormalization, ImageNormalization  # noqa: F401
+from histokd.backbones._common import (  # noqa: F401
+    register_backbone,
+    register_presets,
+    register_tiny_kwargs,
+    tiny_kwargs,
+)
 from histokd.backbones import resnet  # noqa: F401  (registers the ResNet family)
-from histokd.backbones import swin_v2, vit  # noqa: F401  (register ViT / Swin V2 presets)
-from histokd.backbones.convert import (  # noqa: F401
-    load_pretrained,
+from histokd.backbones import swin_v2, vit  # noqa: F401  (register ViT / Swin V2 presets and layouts)
+from histokd.backbones.convert import load_pretrained  # noqa: F401
+from histokd.backbones.layouts import CHECKPOINT_LAYOUTS, HF_MODEL_TYPES  # noqa: F401
+from histokd.backbones.pretrained import from_pretrained  # noqa: F401
+from histokd.backbones.swin_v2 import SwinV2Backbone  # noqa: F401
+from histokd.backbones.vit import ViTBackbone  # noqa: F401
+from histokd.errors import ConfigError
+from histokd.io import (  # noqa: F401
     read_checkpoint,
     read_safetensors,
     read_torch_state_dict,
     write_safetensors,
 )
-from histokd.backbones.swin_v2 import SwinV2Backbone  # noqa: F401
-from histokd.backbones.vit import ViTBackbone  # noqa: F401
-from histokd.errors import ConfigError
 from histokd.registry import BACKBONES
 
 __all__ = [
     "Backbone",
     "BatchNormalization",
+    "CHECKPOINT_LAYOUTS",
+    "HF_MODEL_TYPES",
     "ImageNormalization",
     "SwinV2Backbone",
     "ViTBackbone",
     "backbone_names",
+    "from_pretrained",
     "load_pretrained",
     "make_backbone",
     "read_checkpoint",
     "read_safetensors",
     "read_torch_state_dict",
+    "register_backbone",
+    "register_presets",
+    "register_tiny_kwargs",
+    "tiny_kwargs",
     "write_safetensors",
 ]
 

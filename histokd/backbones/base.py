@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import keras
+import numpy as np
 from keras import ops
 
 from histokd.errors import ConfigError, WeightsError
@@ -212,6 +213,11 @@ class Backbone(keras.Model):
         >>> feats = bb.feature_model()(images)  # {"conv1_relu": ..., ..., "pooled": ...}
     """
 
+    #: int. Spatial dimensions of the input: 2 for images ``[B, H, W, C]``, 3 for volumes.
+    spatial_rank = 2
+    #: str or None. Family whose checkpoint layouts fit this model (``histokd.backbones.layouts``).
+    checkpoint_family = None
+
     def __init__(self, *args, stage_names: Sequence[str] | None = None, arch: str | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -243,9 +249,25 @@ class Backbone(keras.Model):
 
     @property
     def input_size(self):
-        """tuple (H, W). Spatial input size the backbone was built for (None = any)."""
+        """tuple (H, W) (or (D, H, W) for a 3-D family). Spatial input size it was built for (None = any)."""
         shape = self.inputs[0].shape
-        return (shape[1], shape[2])
+        return tuple(shape[1:1 + self.spatial_rank])
+
+    def fit_checkpoint_weight(self, name: str, array, origin: str):
+        """Adapt a converted checkpoint array whose shape differs from the model's weight ``name``.
+
+        The default changes nothing; a family overrides it for weights that depend on the
+        input size (ViT resizes its position table).
+
+        Args:
+            name: str. Canonical weight name (a key of ``canonical_weights()``).
+            array: numpy array. The converted checkpoint value.
+            origin: str. Checkpoint key it came from, for error messages.
+
+        Returns:
+            (array, changed): the value to load and whether it was adapted.
+        """
+        return array, False
 
     def conv_layer_names(self) -> list:
         """Names of every convolution layer, in graph order (CKA / GradCAM per layer)."""
@@ -283,32 +305,64 @@ class Backbone(keras.Model):
         return config
 
 
-def parse_input_size(input_size, arch: str, min_size: int):
-    """Validates ``input_size`` (int, (H, W) or None) and returns ``(H, W)``.
+def spatial_size(value, rank: int = 2, what: str = "input_size", allow_none: bool = False) -> tuple:
+    """A spatial size as a tuple of ``rank`` ints: an int means the same size on every axis.
+
+    For 2-D, ``(H, W)`` and the Keras-style ``(H, W, 3)`` (channels last) are accepted;
+    other 3-tuples are reserved for 3-D (``rank=3``) backbones.
+
+    Args:
+        value: int or sequence of int. The size.
+        rank: int. Number of spatial axes (2 for images, 3 for volumes).
+        what: str. Name of the argument, for the message.
+        allow_none: bool. Let entries be None (any size on that axis).
+
+    Returns:
+        tuple of ``rank`` ints (or None where allowed).
+
+    Raises:
+        ConfigError: not an int or a sequence of ``rank`` ints.
+
+    Example:
+        >>> spatial_size(224), spatial_size((256, 320))
+        ((224, 224), (256, 320))
+    """
+    size = value
+    if isinstance(size, (list, tuple)):
+        if rank == 2 and len(size) == 3 and size[-1] == 3:  # (H, W, channels)
+            size = tuple(size[:2])
+    else:
+        size = (size,) * rank
+    shape_hint = "(height, width)" if rank == 2 else "(depth, height, width)"
+    if len(size) != rank:
+        extra = (" (a 3-tuple is a 3-D size, for volume backbones)" if rank == 2 and len(size) == 3
+                 else "")
+        raise ConfigError(f"{what} must be an int or {shape_hint}; got {value!r}{extra}")
+    for s in size:
+        if s is None and allow_none:
+            continue
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise ConfigError(f"{what} must be an int or {shape_hint} of ints (pixels); got {value!r}")
+    return tuple(None if s is None else int(s) for s in size)
+
+
+def parse_input_size(input_size, arch: str, min_size: int, rank: int = 2):
+    """Validates ``input_size`` (int, a tuple of ``rank`` ints, or None) and returns the tuple.
+
+    Args:
+        input_size: int, tuple or None. None = any size.
+        arch: str. Registry key, for the message.
+        min_size: int. Smallest side the architecture accepts.
+        rank: int. Spatial axes (2 = ``(H, W)``, 3 = ``(D, H, W)``).
 
     Raises:
         ConfigError: the size is not an int ≥ ``min_size`` (or None).
     """
     if input_size is None:
-        return (None, None)
-    if isinstance(input_size, (list, tuple)):
-        if len(input_size) == 3 and input_size[-1] == 3:
-            input_size = tuple(input_size[:2])
-        if len(input_size) != 2:
-            raise ConfigError(
-                f"input_size for backbone {arch!r} must be an int or (height, width); got {input_size!r}"
-            )
-        size = tuple(input_size)
-    else:
-        size = (input_size, input_size)
+        return (None,) * rank
+    size = spatial_size(input_size, rank, what=f"input_size for backbone {arch!r}", allow_none=True)
     for s in size:
-        if s is None:
-            continue
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise ConfigError(
-                f"input_size for backbone {arch!r} must be integers (pixels); got {input_size!r}"
-            )
-        if s < min_size:
+        if s is not None and s < min_size:
             raise ConfigError(
                 f"backbone {arch!r} needs input images of at least {min_size}x{min_size} px; "
                 f"got input_size={input_size!r}. Resize tiles to >= {min_size} px "

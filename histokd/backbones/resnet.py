@@ -26,6 +26,7 @@ from typing import Dict, Tuple
 
 import keras
 
+from histokd.backbones._common import register_backbone
 from histokd.backbones.base import (
     Backbone,
     BatchNormalization,
@@ -36,7 +37,6 @@ from histokd.backbones.base import (
     register_stage_layout,
 )
 from histokd.errors import ConfigError, WeightsError
-from histokd.registry import BACKBONES
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def _keras_app_backbone(arch: str, input_size, weights, model_name, fused_bn=Tru
     return backbone
 
 
-@BACKBONES.register("resnet50")
+@register_backbone("resnet50", tiny={"input_size": 32})
 def resnet50(input_size=224, weights=None, model_name=None, fused_bn=True) -> Backbone:
     """ResNet-50 encoder (``keras.applications.ResNet50``), pooled output D = 2048.
 
@@ -250,7 +250,7 @@ def resnet50(input_size=224, weights=None, model_name=None, fused_bn=True) -> Ba
     return _keras_app_backbone("resnet50", input_size, weights, model_name, fused_bn=fused_bn)
 
 
-@BACKBONES.register("mobilenet_v2")
+@register_backbone("mobilenet_v2", tiny={"input_size": 32, "alpha": 0.35})
 def mobilenet_v2(input_size=224, weights=None, model_name=None, alpha=1.0, fused_bn=True) -> Backbone:
     """MobileNetV2 encoder (``keras.applications.MobileNetV2``), D = 1280 for alpha ≤ 1.
 
@@ -277,7 +277,7 @@ def mobilenet_v2(input_size=224, weights=None, model_name=None, alpha=1.0, fused
                                alpha=alpha)
 
 
-@BACKBONES.register("efficientnet_b0")
+@register_backbone("efficientnet_b0", tiny={"input_size": 32})
 def efficientnet_b0(input_size=224, weights=None, model_name=None, fused_bn=True) -> Backbone:
     """EfficientNetB0 encoder (``keras.applications.EfficientNetB0``), D = 1280.
 
@@ -305,7 +305,7 @@ def efficientnet_b0(input_size=224, weights=None, model_name=None, fused_bn=True
     return _keras_app_backbone("efficientnet_b0", input_size, weights, model_name, fused_bn=fused_bn)
 
 
-@BACKBONES.register("xception")
+@register_backbone("xception", tiny={"input_size": 71})
 def xception(input_size=299, weights=None, model_name=None, fused_bn=True) -> Backbone:
     """Xception encoder (``keras.applications.Xception``), D = 2048, input ≥ 71 px.
 
@@ -377,7 +377,7 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-@BACKBONES.register("resnet18")
+@register_backbone("resnet18", tiny={"input_size": 32, "width": 0.125, "small_input": True})
 def resnet18(input_size=224, weights=None, model_name=None, width=1.0, small_input=False,
              zero_init_residual=False, fused_bn=True) -> Backbone:
     """ResNet-18 encoder (BasicBlock [2, 2, 2, 2]) with a width multiplier, for CPU runs.

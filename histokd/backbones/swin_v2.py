@@ -25,16 +25,25 @@ output map for it.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
+from histokd.backbones._common import _pair, input_layer, normalization_layer, register_presets
 from histokd.backbones.base import Backbone
-from histokd.backbones.vit import _pair, build_preset, input_layer, normalization_layer
+from histokd.backbones.layouts import (
+    CheckpointLayout,
+    HFModelType,
+    dense_rules,
+    norm_rules,
+    register_hf_model_type,
+    register_layout,
+)
 from histokd.errors import ConfigError
 from histokd.layers.attention import DropPath, LayerNorm, MLP, bias_add, dense_initializer, linear
-from histokd.registry import BACKBONES
 
 _MASK_VALUE = -100.0  # the reference implementation's value for cross-region pairs
 _CPB_HIDDEN = 512
@@ -544,6 +553,8 @@ class SwinV2Backbone(Backbone):
         TensorShape([2, 32])
     """
 
+    checkpoint_family = "swinv2"
+
     def __init__(self, input_size=256, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2),
                  num_heads=(3, 6, 12, 24), window_size=None, pretrained_window_size=0, mlp_ratio=4.0,
                  qkv_bias=True, drop_path_rate=0.2, layer_norm_eps=1e-5, normalization="torch",
@@ -622,7 +633,7 @@ class SwinV2Backbone(Backbone):
         return [self.embed_dim * 2 ** i for i in range(len(self.depths))]
 
     def canonical_weights(self):
-        """``{key: variable}`` in histokd's checkpoint-neutral naming (see ``backbones.convert``)."""
+        """``{key: variable}`` in histokd's checkpoint-neutral naming (the layouts below map onto it)."""
         pe = self.get_layer("patch_embed")
         out = {
             "patch_embed.kernel": pe.proj.kernel, "patch_embed.bias": pe.proj.bias,
@@ -695,27 +706,162 @@ SWINV2_PRESETS = {
 }
 
 
-def _make_preset(key):
-    def factory(input_size=256, weights=None, **kwargs):
-        return build_preset(SwinV2Backbone, key, SWINV2_PRESETS[key], input_size, 256, weights, kwargs)
-
-    d = SWINV2_PRESETS[key]
-    factory.__name__ = key
-    factory.__doc__ = (
-        f"Swin V2 preset {key!r}: C={d['embed_dim']}, depths {d['depths']}, heads {d['num_heads']} "
-        "(Liu et al. 2022, Table 1).\n\nWindow 8 at 256 px (default); at 224 px the window defaults "
-        "to 7. ``weights``: None, a Keras weights file, or a Hugging Face / official Swin V2 "
-        "checkpoint (see :func:`histokd.backbones.convert.load_pretrained`). Keyword arguments "
-        "override any :class:`SwinV2Backbone` argument.\n\n"
-        f"Example:\n    >>> enc = BACKBONES.get({key!r})(input_size=224)  # window 7\n"
-    )
-    return factory
+_FACTORIES = register_presets(
+    SwinV2Backbone, SWINV2_PRESETS, default_size=256,
+    summary=("Swin V2 preset {key!r}: C={embed_dim}, depths {depths}, heads {num_heads} "
+             "(Liu et al. 2022, Table 1).\n\nWindow 8 at 256 px (default); at 224 px the window "
+             "defaults to 7."),
+    tiny=dict(input_size=32, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+              drop_path_rate=0.0),
+)
+swinv2_tiny = _FACTORIES["swinv2_tiny"]
+swinv2_small = _FACTORIES["swinv2_small"]
+swinv2_base = _FACTORIES["swinv2_base"]
 
 
-swinv2_tiny = _make_preset("swinv2_tiny")
-swinv2_small = _make_preset("swinv2_small")
-swinv2_base = _make_preset("swinv2_base")
+# --------------------------------------------------------------------------------------
+# checkpoint layouts
+# --------------------------------------------------------------------------------------
+_HF_SW = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_DST_SW = r"stages.\1.blocks.\2."
+HF_SWINV2_RENAMES = [
+    (r"embeddings\.patch_embeddings\.projection\.weight", "patch_embed.kernel", "conv"),
+    (r"embeddings\.patch_embeddings\.projection\.bias", "patch_embed.bias", "copy"),
+    *norm_rules(r"embeddings\.norm", "patch_embed.norm"),
+    (_HF_SW + r"attention\.self\.logit_scale", _DST_SW + "attn.logit_scale", "copy"),
+    *dense_rules(_HF_SW + r"attention\.self\.continuous_position_bias_mlp\.0", _DST_SW + "attn.cpb_fc1"),
+    (_HF_SW + r"attention\.self\.continuous_position_bias_mlp\.2\.weight", _DST_SW + "attn.cpb_fc2.kernel",
+     "linear"),
+    (_HF_SW + r"attention\.self\.query\.weight", _DST_SW + "attn.q.kernel", "linear"),
+    (_HF_SW + r"attention\.self\.key\.weight", _DST_SW + "attn.k.kernel", "linear"),
+    (_HF_SW + r"attention\.self\.value\.weight", _DST_SW + "attn.v.kernel", "linear"),
+    (_HF_SW + r"attention\.self\.query\.bias", _DST_SW + "attn.q_bias", "copy"),
+    (_HF_SW + r"attention\.self\.value\.bias", _DST_SW + "attn.v_bias", "copy"),
+    (_HF_SW + r"attention\.self\.(relative_coords_table|relative_position_index)", None, "ignore"),
+    *dense_rules(_HF_SW + r"attention\.output\.dense", _DST_SW + "attn.proj"),
+    *norm_rules(_HF_SW + r"layernorm_before", _DST_SW + "norm1"),
+    *norm_rules(_HF_SW + r"layernorm_after", _DST_SW + "norm2"),
+    *dense_rules(_HF_SW + r"intermediate\.dense", _DST_SW + "mlp.fc1"),
+    *dense_rules(_HF_SW + r"output\.dense", _DST_SW + "mlp.fc2"),
+    (r"encoder\.layers\.(\d+)\.downsample\.reduction\.weight", r"stages.\1.merge.reduction.kernel", "linear"),
+    *norm_rules(r"encoder\.layers\.(\d+)\.downsample\.norm", r"stages.\1.merge.norm"),
+    *norm_rules(r"layernorm", "norm"),
+    (r"(pooler|classifier|decoder)\..*", None, "ignore"),
+    (r"embeddings\.mask_token", None, "ignore"),
+]
 
-for _key, _fn in (("swinv2_tiny", swinv2_tiny), ("swinv2_small", swinv2_small),
-                  ("swinv2_base", swinv2_base)):
-    BACKBONES.register(_key, _fn)
+_MS_SW = r"layers\.(\d+)\.blocks\.(\d+)\."
+MS_SWINV2_RENAMES = [
+    (r"patch_embed\.proj\.weight", "patch_embed.kernel", "conv"),
+    (r"patch_embed\.proj\.bias", "patch_embed.bias", "copy"),
+    *norm_rules(r"patch_embed\.norm", "patch_embed.norm"),
+    (_MS_SW + r"attn\.logit_scale", _DST_SW + "attn.logit_scale", "copy"),
+    *dense_rules(_MS_SW + r"attn\.cpb_mlp\.0", _DST_SW + "attn.cpb_fc1"),
+    (_MS_SW + r"attn\.cpb_mlp\.2\.weight", _DST_SW + "attn.cpb_fc2.kernel", "linear"),
+    (_MS_SW + r"attn\.qkv\.weight", _DST_SW + "attn.qkv.kernel", "linear"),
+    (_MS_SW + r"attn\.q_bias", _DST_SW + "attn.q_bias", "copy"),
+    (_MS_SW + r"attn\.v_bias", _DST_SW + "attn.v_bias", "copy"),
+    (_MS_SW + r"attn\.(relative_coords_table|relative_position_index)", None, "ignore"),
+    (_MS_SW + r"attn_mask", None, "ignore"),
+    *dense_rules(_MS_SW + r"attn\.proj", _DST_SW + "attn.proj"),
+    *norm_rules(_MS_SW + r"norm1", _DST_SW + "norm1"),
+    *norm_rules(_MS_SW + r"norm2", _DST_SW + "norm2"),
+    *dense_rules(_MS_SW + r"mlp\.fc1", _DST_SW + "mlp.fc1"),
+    *dense_rules(_MS_SW + r"mlp\.fc2", _DST_SW + "mlp.fc2"),
+    (r"layers\.(\d+)\.downsample\.reduction\.weight", r"stages.\1.merge.reduction.kernel", "linear"),
+    *norm_rules(r"layers\.(\d+)\.downsample\.norm", r"stages.\1.merge.norm"),
+    *norm_rules(r"norm", "norm"),
+    (r"head(\..*)?\.(weight|bias)", None, "ignore"),
+]
+
+
+def _has(keys, pattern):
+    return re.search(pattern, "\n".join(keys), re.M) is not None
+
+
+def _official_style(keys):
+    return _has(keys, r"(^|\.)layers\.\d+\.blocks\.\d+\.attn\.(cpb_mlp|logit_scale)")
+
+
+def _timm_merges_to_previous_stage(state_dict):
+    """timm puts stage s's patch merging at the start of stage s + 1; move it back to stage s."""
+    moved = {}
+    for k, v in state_dict.items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        moved[f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k] = v
+    return moved
+
+
+register_layout(CheckpointLayout(
+    family="swinv2", name="hf_swinv2", rules=HF_SWINV2_RENAMES,
+    anchor="embeddings.patch_embeddings.projection.weight",
+    detect=lambda keys: _has(keys, r"(^|\.)encoder\.layers\.\d+\.blocks\.\d+\.attention\.self\."),
+    priority=30,
+))
+register_layout(CheckpointLayout(
+    family="swinv2", name="ms_swinv2", rules=MS_SWINV2_RENAMES, anchor="patch_embed.proj.weight",
+    detect=lambda keys: _official_style(keys)
+    and _has(keys, r"(^|\.)layers\.0\.downsample\.reduction\.weight$"),
+    priority=21,
+))
+register_layout(CheckpointLayout(
+    family="swinv2", name="timm_swinv2", rules=MS_SWINV2_RENAMES, anchor="patch_embed.proj.weight",
+    detect=_official_style, priority=20, prepare=_timm_merges_to_previous_stage,
+))
+
+# transformers' Swinv2Config defaults, for config.json files that omit them
+_HF_SWINV2_DEFAULTS = dict(image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2],
+                           num_heads=[3, 6, 12, 24], window_size=7, pretrained_window_sizes=[0, 0, 0, 0],
+                           mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.1, hidden_act="gelu",
+                           use_absolute_embeddings=False, layer_norm_eps=1e-5)
+
+
+def swinv2_kwargs_from_hf(config: dict) -> dict:
+    """:class:`SwinV2Backbone` arguments for a Hugging Face ``Swinv2Config`` (``model_type: swinv2``).
+
+    Args:
+        config: dict. The parsed ``config.json``.
+
+    Returns:
+        dict of constructor arguments (pooled = ``Swinv2Model(...).pooler_output``).
+
+    Raises:
+        ConfigError: absolute position embeddings or an activation other than exact GELU.
+    """
+    c = {**_HF_SWINV2_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if c["hidden_act"] != "gelu":
+        raise ConfigError(f"Swin V2 config.json sets hidden_act={c['hidden_act']!r}; histokd's Swin V2 uses "
+                          "exact GELU ('gelu') only")
+    if c["use_absolute_embeddings"]:
+        raise ConfigError("Swin V2 config.json sets use_absolute_embeddings=true; histokd's Swin V2 has no "
+                          "absolute position embeddings (the published Swin V2 models do not use them)")
+    depths = [int(d) for d in c["depths"]]
+    pws = [int(p) for p in (c["pretrained_window_sizes"] or [0] * len(depths))]
+    return dict(input_size=_pair(c["image_size"], "image_size"), patch_size=int(c["patch_size"]),
+                embed_dim=int(c["embed_dim"]), depths=depths, num_heads=[int(h) for h in c["num_heads"]],
+                window_size=int(c["window_size"]), pretrained_window_size=pws,
+                mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]),
+                drop_path_rate=float(c["drop_path_rate"]), layer_norm_eps=float(c["layer_norm_eps"]),
+                in_channels=int(c["num_channels"]))
+
+
+def _warn_window_mismatch(model, config, cfg_path):
+    """Warn when a folder's config.json asks for windows the model does not use."""
+    want_w = config.get("window_size")
+    want_pw = [int(p) for p in config.get("pretrained_window_sizes") or []]
+    if want_w is not None and int(want_w) != model.window_size:
+        warnings.warn(f"{cfg_path} was trained with window_size={want_w} but the model uses "
+                      f"{model.window_size}; pass pretrained_window_size={want_w} (or window_size={want_w}) "
+                      "so the continuous position bias is evaluated on the scale it was trained on",
+                      stacklevel=4)
+    elif want_pw and any(want_pw) and want_pw != list(model.pretrained_window_size):
+        warnings.warn(f"{cfg_path} sets pretrained_window_sizes={want_pw} but the model uses "
+                      f"{list(model.pretrained_window_size)}; build it with pretrained_window_size={want_pw}",
+                      stacklevel=4)
+
+
+register_hf_model_type(HFModelType(
+    model_type="swinv2", family="swinv2", layout="hf_swinv2", build=SwinV2Backbone,
+    config_to_kwargs=swinv2_kwargs_from_hf, check_config=_warn_window_mismatch,
+    default_normalization=dict(normalization="tf"),  # ViTImageProcessor's default mean = std = 0.5
+))

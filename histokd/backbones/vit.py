@@ -16,29 +16,33 @@ this backbone (ViT-B/16) with a ResNet-50.
 from __future__ import annotations
 
 import math
+import re
 
 import keras
 import numpy as np
 from keras import ops
 
-from histokd.backbones.base import Backbone, ImageNormalization
-from histokd.errors import ConfigError
+from histokd.backbones._common import (  # noqa: F401  (PixelNormalization & co. were defined here)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PixelNormalization,
+    _pair,
+    build_preset,
+    input_layer,
+    normalization_layer,
+    register_presets,
+)
+from histokd.backbones.base import Backbone
+from histokd.backbones.layouts import (
+    CheckpointLayout,
+    HFModelType,
+    dense_rules,
+    norm_rules,
+    register_hf_model_type,
+    register_layout,
+)
+from histokd.errors import ConfigError, WeightsError
 from histokd.layers.attention import DropPath, LayerNorm, LayerScale, MLP, MultiHeadSelfAttention
-from histokd.registry import BACKBONES
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _pair(value, what):
-    pair = value
-    if isinstance(pair, (list, tuple)) and len(pair) == 3:  # (H, W, channels), as Keras shapes are written
-        pair = pair[:2]
-    if not isinstance(pair, (list, tuple)):
-        pair = (pair, pair)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
-        raise ConfigError(f"{what} must be an int or a pair of ints (height, width), got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -112,39 +116,6 @@ def resize_position_grid(grid: np.ndarray, new_hw) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------
-@keras.saving.register_keras_serializable(package="histokd")
-class PixelNormalization(keras.layers.Layer):
-    """Per-channel ``(x - mean) / std`` of images already scaled to [0, 1].
-
-    Args:
-        mean: list of float. Channel means (ImageNet by default).
-        std: list of float. Channel standard deviations.
-
-    Example:
-        >>> y = PixelNormalization()(keras.ops.ones((1, 4, 4, 3)))
-    """
-
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
-        super().__init__(**kwargs)
-        self.mean = [float(v) for v in mean]
-        self.std = [float(v) for v in std]
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ConfigError(f"normalisation needs one positive std per mean, got mean={self.mean} std={self.std}")
-
-    def call(self, x):
-        mean = ops.convert_to_tensor(np.asarray(self.mean, "float32"), dtype=x.dtype)
-        inv = ops.convert_to_tensor(1.0 / np.asarray(self.std, "float32"), dtype=x.dtype)
-        return (x - mean) * inv
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        cfg = super().get_config()
-        cfg.update(mean=list(self.mean), std=list(self.std))
-        return cfg
-
-
 @keras.saving.register_keras_serializable(package="histokd")
 class ViTEmbedding(keras.layers.Layer):
     """Patch embedding + class token + learned position embeddings (ViT Eq. 1).
@@ -349,20 +320,6 @@ class TokensToMap(keras.layers.Layer):
 # --------------------------------------------------------------------------------------
 # the backbone
 # --------------------------------------------------------------------------------------
-def normalization_layer(normalization="torch", mean=None, std=None):
-    """The ``"normalize"`` input layer: custom ``mean``/``std`` or an :class:`ImageNormalization` mode."""
-    if mean is not None or std is not None:
-        if mean is None or std is None:
-            raise ConfigError("give both mean and std for a custom input normalisation (or neither)")
-        return PixelNormalization(mean, std, name="normalize")
-    return ImageNormalization(normalization, name="normalize")
-
-
-def input_layer(size, in_channels, dynamic_size):
-    shape = (None, None, int(in_channels)) if dynamic_size else (size[0], size[1], int(in_channels))
-    return keras.Input(shape=shape, name="image")
-
-
 @keras.saving.register_keras_serializable(package="histokd")
 class ViTBackbone(Backbone):
     """Vision Transformer encoder: float32 images in [0, 1] → pooled features ``[B, D]``.
@@ -404,6 +361,8 @@ class ViTBackbone(Backbone):
         TensorShape([2, 32])
         >>> feats = enc.stage_model()(keras.ops.zeros((2, 32, 32, 3)))  # {"block_1", "block_2", "pooled"}
     """
+
+    checkpoint_family = "vit"
 
     def __init__(self, input_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6, layer_scale_init=None,
@@ -463,7 +422,7 @@ class ViTBackbone(Backbone):
         return [self.embed_dim] * self.depth
 
     def canonical_weights(self):
-        """``{key: variable}`` in histokd's checkpoint-neutral naming (see ``backbones.convert``)."""
+        """``{key: variable}`` in histokd's checkpoint-neutral naming (the layouts below map onto it)."""
         emb = self.get_layer("embed")
         out = {
             "patch_embed.kernel": emb.proj.kernel,
@@ -491,6 +450,24 @@ class ViTBackbone(Backbone):
         out["norm.gamma"] = norm.gamma
         out["norm.beta"] = norm.beta
         return out
+
+    def fit_checkpoint_weight(self, name, array, origin):
+        """Resize a checkpoint's position table stored for another patch grid (bicubic, §3.2).
+
+        Args:
+            name: str. Canonical weight name; only ``"pos_embed"`` is adapted.
+            array: numpy array ``[1, N(+1), D]``. Converted checkpoint value.
+            origin: str. Checkpoint key, for the message.
+
+        Returns:
+            (array, changed).
+
+        Raises:
+            WeightsError: the stored positions do not form a square grid.
+        """
+        if name != "pos_embed" or array.ndim != 3 or array.shape[2] != self.embed_dim:
+            return array, False
+        return fit_position_table(array, self.get_layer("embed").grid, origin)
 
     def get_config(self):
         return {
@@ -520,6 +497,39 @@ class ViTBackbone(Backbone):
         return cls(**config)
 
 
+def fit_position_table(array, grid, origin: str = "pos_embed"):
+    """A checkpoint's ViT position table ``[1, 1 + N, D]`` fitted to the patch ``grid``.
+
+    A table without a class position (``N`` a square) gets a zero one; a table of another
+    square grid is resized bicubically (Dosovitskiy et al. 2021, §3.2).
+
+    Args:
+        array: numpy array. Position table from the checkpoint.
+        grid: (int, int). The model's patch grid.
+        origin: str. Checkpoint key, for the message.
+
+    Returns:
+        (array, changed).
+
+    Raises:
+        WeightsError: the positions do not form a square grid.
+    """
+    if array.ndim != 3:
+        return array, False
+    n_ckpt, dim = array.shape[1], array.shape[2]
+    side = math.isqrt(n_ckpt - 1)
+    if side * side != n_ckpt - 1:
+        side = math.isqrt(n_ckpt)
+        if side * side != n_ckpt:
+            raise WeightsError(f"checkpoint key {origin!r} has {n_ckpt} positions, not a square grid; "
+                               "cannot resize it to the model's input size")
+        array = np.concatenate([np.zeros((1, 1, dim), array.dtype), array], axis=1)  # no class position
+    if (side, side) == tuple(grid):
+        return array, array.shape[1] != n_ckpt
+    patch = resize_position_grid(array[0, 1:].reshape(side, side, dim), grid).reshape(1, -1, dim)
+    return np.concatenate([array[:, :1], patch], axis=1), True
+
+
 # --------------------------------------------------------------------------------------
 # presets
 # --------------------------------------------------------------------------------------
@@ -530,56 +540,118 @@ VIT_PRESETS = {
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
+_FACTORIES = register_presets(
+    ViTBackbone, VIT_PRESETS, default_size=224, base=dict(patch_size=16),
+    summary=("ViT /16 preset {key!r}: width {embed_dim}, depth {depth}, {num_heads} heads "
+             "(Dosovitskiy et al. 2021, Table 1; DeiT for tiny/small)."),
+    tiny=dict(input_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+)
+vit_tiny = _FACTORIES["vit_tiny"]
+vit_small = _FACTORIES["vit_small"]
+vit_base = _FACTORIES["vit_base"]
+vit_large = _FACTORIES["vit_large"]
 
-def build_preset(cls, key, defaults, input_size, default_size, weights, kwargs):
-    """Build ``cls`` from preset ``defaults`` + user ``kwargs`` (validated), then load ``weights``.
 
-    ``input_size=None`` means "any size": the model is built for ``default_size`` with
-    ``dynamic_size=True``.
+# --------------------------------------------------------------------------------------
+# checkpoint layouts
+# --------------------------------------------------------------------------------------
+# Hugging Face ViT: save_pretrained file names and transformers ≥ 5 in-memory names.
+HF_VIT_RENAMES = [
+    (r"embeddings\.cls_token", "cls_token", "copy"),
+    (r"embeddings\.position_embeddings", "pos_embed", "copy"),
+    (r"embeddings\.patch_embeddings\.projection\.weight", "patch_embed.kernel", "conv"),
+    (r"embeddings\.patch_embeddings\.projection\.bias", "patch_embed.bias", "copy"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.attention\.attention\.query", r"blocks.\1.attn.q"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.attention\.attention\.key", r"blocks.\1.attn.k"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.attention\.attention\.value", r"blocks.\1.attn.v"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"blocks.\1.attn.proj"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.intermediate\.dense", r"blocks.\1.mlp.fc1"),
+    *dense_rules(r"encoder\.layer\.(\d+)\.output\.dense", r"blocks.\1.mlp.fc2"),
+    *norm_rules(r"encoder\.layer\.(\d+)\.layernorm_before", r"blocks.\1.norm1"),
+    *norm_rules(r"encoder\.layer\.(\d+)\.layernorm_after", r"blocks.\1.norm2"),
+    (r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma", "copy"),
+    (r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma", "copy"),
+    *dense_rules(r"layers\.(\d+)\.attention\.q_proj", r"blocks.\1.attn.q"),
+    *dense_rules(r"layers\.(\d+)\.attention\.k_proj", r"blocks.\1.attn.k"),
+    *dense_rules(r"layers\.(\d+)\.attention\.v_proj", r"blocks.\1.attn.v"),
+    *dense_rules(r"layers\.(\d+)\.attention\.o_proj", r"blocks.\1.attn.proj"),
+    *dense_rules(r"layers\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1"),
+    *dense_rules(r"layers\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2"),
+    *norm_rules(r"layers\.(\d+)\.layernorm_before", r"blocks.\1.norm1"),
+    *norm_rules(r"layers\.(\d+)\.layernorm_after", r"blocks.\1.norm2"),
+    *norm_rules(r"layernorm", "norm"),
+    (r"(pooler|classifier)\..*", None, "ignore"),
+    (r"embeddings\.mask_token", None, "ignore"),
+]
+
+# timm VisionTransformer (global_pool="token", class token, optional LayerScale).
+TIMM_VIT_RENAMES = [
+    (r"cls_token", "cls_token", "copy"),
+    (r"pos_embed", "pos_embed", "copy"),
+    (r"patch_embed\.proj\.weight", "patch_embed.kernel", "conv"),
+    (r"patch_embed\.proj\.bias", "patch_embed.bias", "copy"),
+    *norm_rules(r"blocks\.(\d+)\.norm1", r"blocks.\1.norm1"),
+    *dense_rules(r"blocks\.(\d+)\.attn\.qkv", r"blocks.\1.attn.qkv"),
+    *dense_rules(r"blocks\.(\d+)\.attn\.proj", r"blocks.\1.attn.proj"),
+    (r"blocks\.(\d+)\.ls1\.gamma", r"blocks.\1.ls1.gamma", "copy"),
+    (r"blocks\.(\d+)\.ls2\.gamma", r"blocks.\1.ls2.gamma", "copy"),
+    *norm_rules(r"blocks\.(\d+)\.norm2", r"blocks.\1.norm2"),
+    *dense_rules(r"blocks\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1"),
+    *dense_rules(r"blocks\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2"),
+    *norm_rules(r"norm", "norm"),
+    (r"head\..*", None, "ignore"),
+    (r"head_drop\..*", None, "ignore"),
+]
+
+
+def _has(keys, pattern):
+    return re.search(pattern, "\n".join(keys), re.M) is not None
+
+
+register_layout(CheckpointLayout(
+    family="vit", name="hf_vit", rules=HF_VIT_RENAMES, anchor="embeddings.patch_embeddings.projection.weight",
+    detect=lambda keys: _has(keys, r"(^|\.)embeddings\.patch_embeddings\.projection\.weight$") and _has(
+        keys, r"(^|\.)(encoder\.layer\.\d+\.attention\.attention\.|layers\.\d+\.attention\.q_proj)"),
+    priority=10,
+))
+register_layout(CheckpointLayout(
+    family="vit", name="timm_vit", rules=TIMM_VIT_RENAMES, anchor="patch_embed.proj.weight",
+    detect=lambda keys: _has(keys, r"(^|\.)blocks\.\d+\.attn\.qkv\.weight$")
+    and _has(keys, r"(^|\.)patch_embed\.proj\.weight$"),
+    priority=0,
+))
+
+# transformers' ViTConfig defaults, for config.json files that omit them
+_HF_VIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16,
+                        num_channels=3, qkv_bias=True)
+
+
+def vit_kwargs_from_hf(config: dict) -> dict:
+    """:class:`ViTBackbone` arguments for a Hugging Face ``ViTConfig`` (``config.json`` of ``model_type: vit``).
+
+    Args:
+        config: dict. The parsed ``config.json``.
+
+    Returns:
+        dict of constructor arguments (pooling on the normed class token, as ``last_hidden_state[:, 0]``).
+
+    Raises:
+        ConfigError: an activation other than exact GELU.
     """
-    import inspect
-
-    from histokd.backbones.convert import apply_weights
-
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs", "input_size")]
-    unknown = sorted(set(kwargs) - set(valid) - {"name", "trainable", "model_name"})
-    if unknown:
-        raise ConfigError(f"backbone {key!r} got unknown option(s) {unknown}; valid options: "
-                          f"input_size, weights, {', '.join(valid)}")
-    cfg = {**defaults, **kwargs}
-    if "model_name" in cfg:
-        cfg["name"] = cfg.pop("model_name") or key
-    cfg.setdefault("name", key)
-    cfg.setdefault("arch", key)
-    if input_size is None:
-        input_size = default_size
-        cfg["dynamic_size"] = True
-    return apply_weights(cls(input_size=input_size, **cfg), weights)
+    c = {**_HF_VIT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if c["hidden_act"] != "gelu":
+        raise ConfigError(f"ViT config.json sets hidden_act={c['hidden_act']!r}; histokd's ViT uses exact "
+                          "GELU ('gelu') only")
+    hidden = int(c["hidden_size"])
+    return dict(input_size=_pair(c["image_size"], "image_size"), patch_size=int(c["patch_size"]),
+                embed_dim=hidden, depth=int(c["num_hidden_layers"]),
+                num_heads=int(c["num_attention_heads"]), mlp_ratio=int(c["intermediate_size"]) / hidden,
+                qkv_bias=bool(c["qkv_bias"]), layer_norm_eps=float(c["layer_norm_eps"]),
+                in_channels=int(c["num_channels"]), pooling="token")
 
 
-def _make_preset(key):
-    def factory(input_size=224, weights=None, **kwargs):
-        return build_preset(ViTBackbone, key, dict(patch_size=16, **VIT_PRESETS[key]), input_size, 224,
-                            weights, kwargs)
-
-    dims = VIT_PRESETS[key]
-    factory.__name__ = key
-    factory.__doc__ = (
-        f"ViT /16 preset {key!r}: width {dims['embed_dim']}, depth {dims['depth']}, "
-        f"{dims['num_heads']} heads (Dosovitskiy et al. 2021, Table 1; DeiT for tiny/small).\n\n"
-        "``weights``: None, a Keras weights file, or a Hugging Face / timm checkpoint "
-        "(see :func:`histokd.backbones.convert.load_pretrained`). Keyword arguments override "
-        "any :class:`ViTBackbone` argument.\n\n"
-        f"Example:\n    >>> enc = BACKBONES.get({key!r})(input_size=224)\n"
-    )
-    return factory
-
-
-vit_tiny = _make_preset("vit_tiny")
-vit_small = _make_preset("vit_small")
-vit_base = _make_preset("vit_base")
-vit_large = _make_preset("vit_large")
-
-for _key, _fn in (("vit_tiny", vit_tiny), ("vit_small", vit_small), ("vit_base", vit_base),
-                  ("vit_large", vit_large)):
-    BACKBONES.register(_key, _fn)
+register_hf_model_type(HFModelType(
+    model_type="vit", family="vit", layout="hf_vit", build=ViTBackbone, config_to_kwargs=vit_kwargs_from_hf,
+    default_normalization=dict(normalization="tf"),  # ViTImageProcessor: mean = std = 0.5
+))
