@@ -229,3 +229,99 @@ def make_strategy(name: str = "auto"):
 
 __all__ = ["apply_cpu_threads", "available_cpus", "cpu_thread_plan", "kernel_slots", "kernels_side_by_side",
            "make_strategy", "method_streams", "mirrored_strategy", "parse_cpu_threads", "thread_pools"]
+
+
+# ---------------------------------------------------------------------------------------
+# XLA:CPU
+# ---------------------------------------------------------------------------------------
+#: The XLA:CPU option set by :func:`prefer_sequential_xla_cpu`.
+XLA_CPU_SEQUENTIAL_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+#: Set to 1 / true to keep XLA's default scheduling (:func:`prefer_sequential_xla_cpu` then adds nothing).
+XLA_CPU_OPT_OUT_ENV = "HISTOKD_XLA_CPU_CONCURRENCY"
+_XLA_CPU_CHECKED = False
+
+
+def _tensorflow_dir():
+    """The installed TensorFlow package folder, found without importing TensorFlow (or None)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("tensorflow")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _xla_knows_flag(name: str) -> bool:
+    """Whether the installed TensorFlow's XLA defines the debug option ``name``.
+
+    XLA aborts the whole process on an unknown flag in ``XLA_FLAGS``, so a flag is only
+    ever added after this check: the option's name must appear in TensorFlow's shared
+    libraries.
+
+    Args:
+        name: str. The option, without the leading ``--``.
+    """
+    import glob
+    import mmap
+
+    root = _tensorflow_dir()
+    if root is None:
+        return False
+    paths = sorted(glob.glob(os.path.join(root, "libtensorflow_cc*"))
+                   + glob.glob(os.path.join(root, "libtensorflow_framework*"))
+                   + glob.glob(os.path.join(root, "python", "_pywrap_tensorflow_internal*")))
+    needle = name.encode()
+    for path in paths:
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(needle) >= 0:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def prefer_sequential_xla_cpu() -> bool:
+    """Ask XLA:CPU to run each compiled kernel's steps on the calling thread.
+
+    Adds ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS``;
+    returns whether the option is in ``XLA_FLAGS`` afterwards. ``histokd normalize`` and
+    ``histokd train`` call it at start-up; importing histokd or building a normaliser
+    or model never does. In a notebook or script, call it first, before anything is
+    XLA-compiled (XLA reads ``XLA_FLAGS`` once per process, at its first compilation):
+
+        >>> from histokd import runtime
+        >>> runtime.prefer_sequential_xla_cpu()
+
+    Why: by default XLA:CPU runs independent steps of a kernel concurrently on
+    TensorFlow's intra-op pool. Jobs that already keep every core busy with
+    independent chains of kernels (the Macenko transform's chunks of tiles in
+    flight, one per core) then make those chains' kernels queue for the same pool;
+    run sequentially, each chain keeps its core. The option changes how XLA:CPU
+    schedules the steps of a kernel, never what they compute. Figures:
+    docs/benchmarks.md.
+
+    Adds nothing when the user's ``XLA_FLAGS`` already sets the option (their
+    choice), when ``HISTOKD_XLA_CPU_CONCURRENCY=1`` (keep XLA's default), or when the
+    installed XLA does not know the option (XLA would abort on it). The check runs
+    once per process. TensorFlow is not imported.
+
+    Returns:
+        bool. True if ``XLA_FLAGS`` holds the option (set now, earlier or by the user).
+    """
+    global _XLA_CPU_CHECKED
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _XLA_CPU_CHECKED or XLA_CPU_SEQUENTIAL_FLAG in flags:
+        return XLA_CPU_SEQUENTIAL_FLAG in flags
+    _XLA_CPU_CHECKED = True
+    keep = os.environ.get(XLA_CPU_OPT_OUT_ENV, "").strip().lower()
+    if keep in ("1", "true", "yes", "on") or not _xla_knows_flag(XLA_CPU_SEQUENTIAL_FLAG):
+        return False
+    os.environ["XLA_FLAGS"] = (flags + f" --{XLA_CPU_SEQUENTIAL_FLAG}=false").strip()
+    return True
+
+
+__all__ += ["XLA_CPU_SEQUENTIAL_FLAG", "prefer_sequential_xla_cpu"]

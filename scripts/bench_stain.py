@@ -18,11 +18,14 @@ HERef / maxCRef) with:
                  practical limit of any per-pixel recolouring (the faster of the
                  whole batch and its two halves side by side)
 
-Thread pools: by default the process uses what ``histokd normalize`` sets
-(``histokd.train.cpu_thread_plan`` with two streams: on a CPU, intra-op
-``cores // 2`` and inter-op 2, one group of cores per chunk of tiles in flight);
-``--threads tf`` keeps TensorFlow's defaults. The per-tile peers are unaffected
-(torch uses its own 2 threads).
+Process settings: by default the process is configured as ``histokd normalize``
+configures itself, so the benchmark measures that path: the XLA:CPU option of
+``histokd.runtime.prefer_sequential_xla_cpu`` (``--xla-cpu default`` keeps XLA's
+scheduling) and the thread pools of ``histokd.runtime.cpu_thread_plan`` with two
+streams (on a CPU, intra-op ``cores // 2`` and inter-op 2, one group of cores per
+chunk of tiles in flight; ``--threads tf`` keeps TensorFlow's defaults). The
+per-tile peers are unaffected (torch uses its own 2 threads). Recorded figures per
+machine: docs/benchmarks.md.
 
 Reports the median of >= 5 timed runs (after warm-up) as tiles/s, the CPU time
 per tile, ratios measured in the same run, and the parity of histokd with
@@ -31,6 +34,7 @@ machine absolute figures move, ratios much less.
 
 Run:
     python scripts/bench_stain.py [--runs 5] [--batch 256] [--peer-tiles 256]
+        [--threads histokd|tf] [--xla-cpu histokd|default] [--skip ROW,...]
 """
 
 from __future__ import annotations
@@ -103,17 +107,24 @@ def main(argv=None):
     ap.add_argument("--threads", choices=("histokd", "tf"), default="histokd",
                     help="TF thread pools: what `histokd normalize` sets (on a CPU, one group of cores "
                          "per chunk stream) or TensorFlow's defaults")
+    ap.add_argument("--xla-cpu", choices=("histokd", "default"), default="histokd",
+                    help="XLA:CPU scheduling: what `histokd normalize` sets (each kernel's steps on "
+                         "the calling thread) or XLA's default")
     args = ap.parse_args(argv)
     runs = max(5, args.runs)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
+    from histokd.runtime import apply_cpu_threads, prefer_sequential_xla_cpu
+
+    if args.xla_cpu == "histokd":
+        prefer_sequential_xla_cpu()  # as `histokd normalize` does, before anything is compiled
+
     import tensorflow as tf
 
     if args.threads == "histokd":
-        from histokd.stain.macenko import _PARALLEL_CHUNKS
-        from histokd.runtime import apply_cpu_threads
+        from histokd.stain.macenko import PARALLEL_CHUNKS
 
-        apply_cpu_threads("auto", streams=_PARALLEL_CHUNKS)  # as `histokd normalize` does
+        apply_cpu_threads("auto", streams=PARALLEL_CHUNKS)  # as `histokd normalize` does
 
     from histokd.stain import MacenkoNormalizer, make_stain_fn
 
@@ -124,7 +135,8 @@ def main(argv=None):
     threading = tf.config.threading
     print(f"machine: {os.cpu_count()} CPUs, load average {load0[0]:.1f} (1 min) at start; "
           f"tensorflow {tf.__version__}; TF pools intra={threading.get_intra_op_parallelism_threads()} "
-          f"inter={threading.get_inter_op_parallelism_threads()} (0 = TF default)")
+          f"inter={threading.get_inter_op_parallelism_threads()} (0 = TF default); "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []  # (name, tiles_per_run, wall, cpu, note)
 
     # histokd, one graph call on the batch

@@ -141,7 +141,7 @@ def normalize_folder(
     """
     from tqdm.auto import tqdm
 
-    from histokd.stain.macenko import MacenkoNormalizer
+    from histokd.stain.normalizer import MacenkoNormalizer
 
     t0 = time.perf_counter()
     src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()

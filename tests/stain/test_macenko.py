@@ -1,7 +1,6 @@
 """Macenko core: ground-truth recovery, fits, NumPy API, robustness policy, config."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -254,7 +253,7 @@ def test_pseudo_angle_orders_like_atan2_and_inverts():
 def test_top_desc_is_exact(group):
     """Exact top-k (with the group-maximum prefilter and its lower bound) on rows
     with ties, -inf padding and a monotone ramp (the worst case for grouping)."""
-    from histokd.stain.macenko import _top_desc
+    from histokd.stain._select import top_desc as _top_desc
 
     rng = np.random.default_rng(1)
     n, k = 4000, 43
@@ -270,7 +269,8 @@ def test_top_desc_is_exact(group):
 def test_top_desc_with_group_maxima_from_an_xla_pass(n):
     """The per-pixel XLA passes hand their group maxima to the selection (also
     when N is not a multiple of the group: -inf padding); still exact."""
-    from histokd.stain.macenko import _group_max, _top_desc
+    from histokd.stain._kernels import group_max as _group_max
+    from histokd.stain._select import top_desc as _top_desc
 
     rng = np.random.default_rng(2)
     a = np.stack([rng.normal(size=n), np.arange(n, dtype=float)[::-1],
@@ -287,7 +287,9 @@ def test_upper_order_stats_equal_np_percentile(q, xla):
     """The NthElement selection (bound from the group maxima, packed candidate groups,
     +inf padding to a common rank) gives np.percentile exactly, for rows with many,
     few, one or no valid values, heavy ties, constant and monotone rows."""
-    from histokd.stain.macenko import _group_max, _group_path, _k_for, _lerp, _upper_order_stats
+    from histokd.stain._kernels import group_max as _group_max
+    from histokd.stain._select import group_path as _group_path, k_for as _k_for, lerp as _lerp
+    from histokd.stain._select import upper_order_stats as _upper_order_stats
 
     rng = np.random.default_rng(7)
     n, group = 4096, 16
@@ -324,7 +326,8 @@ def test_percentile_from_unordered_top_is_exact(q):
     """The percentile from an unordered top-k set (only the smallest few ordered) equals
     np.percentile and the fully sorted path, for rows with many, few or no valid values,
     ties and -inf padding."""
-    from histokd.stain.macenko import _k_for, _percentile_from_top, _top_desc
+    from histokd.stain._select import k_for as _k_for, percentile_from_top as _percentile_from_top
+    from histokd.stain._select import top_desc as _top_desc
 
     rng = np.random.default_rng(5)
     n = 3000
@@ -348,7 +351,7 @@ def test_percentile_from_unordered_top_is_exact(q):
 
 
 def test_small_matmul_equals_matmul():
-    from histokd.stain.macenko import _small_matmul
+    from histokd.stain._kernels import small_matmul as _small_matmul
 
     rng = np.random.default_rng(3)
     for m, k, n in [(2, 3, 2), (2, 2, 3), (3, 2, 3)]:
@@ -390,7 +393,7 @@ def test_tensorflow_kernel_path_in_a_static_graph(monkeypatch):
 def test_many_tile_sizes_share_one_dynamic_graph(monkeypatch):
     """Beyond MAX_STATIC_SIZES distinct tile sizes, new sizes use the one
     dynamic-shape graph (no per-size trace and XLA compile) with the same results."""
-    from histokd.stain import macenko as M
+    from histokd.stain import _kernels as M
 
     monkeypatch.setattr(M, "MAX_STATIC_SIZES", 1)
     monkeypatch.setattr(M, "_STATIC_SIZES", {})
@@ -399,7 +402,7 @@ def test_many_tile_sizes_share_one_dynamic_graph(monkeypatch):
     b = np.stack([synth_he(44, s) for s in range(2)])
     out_a = norm(a)
     out_b = norm(b)  # second size: the dynamic graph
-    keys = [k for k in M._DECOMPOSE_CACHE if k[0] == "transform" and ("alpha", 1.5) in k]
+    keys = [k for k in M._GRAPHS if k[0] == "transform" and ("alpha", 1.5) in k]
     assert {(k[1], k[2]) for k in keys} == {(40, 40), (None, None)}
     assert out_a.shape == a.shape and out_b.shape == b.shape
     monkeypatch.setattr(M, "MAX_STATIC_SIZES", 16)
@@ -407,28 +410,3 @@ def test_many_tile_sizes_share_one_dynamic_graph(monkeypatch):
     static_b = MacenkoNormalizer("torchstain", alpha=1.5)(b)
     diff = np.abs(static_b.astype(int) - out_b)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-
-
-def test_prefer_sequential_xla_cpu_respects_the_user_and_unknown_flags(monkeypatch):
-    """The XLA:CPU scheduling flag is added once, only when this XLA knows it (XLA aborts
-    on unknown flags), never over the user's own setting or opt-out."""
-    from histokd.stain import macenko as m
-
-    flag = m.XLA_CPU_SEQUENTIAL_FLAG
-    assert m._xla_knows_flag(flag), "the installed XLA defines the flag (TensorFlow 2.21 does)"
-    assert not m._xla_knows_flag("xla_cpu_no_such_flag_histokd")
-
-    def run(env, knows=True):
-        monkeypatch.setattr(m, "_XLA_CPU_CHECKED", False)
-        monkeypatch.setattr(m, "_xla_knows_flag", lambda name: knows)
-        for key in ("XLA_FLAGS", "HISTOKD_XLA_CPU_CONCURRENCY"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        return m.prefer_sequential_xla_cpu(), os.environ.get("XLA_FLAGS")
-
-    assert run({}) == (True, f"--{flag}=false")
-    assert run({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}) == (True, f"--xla_dump_to=/tmp/x --{flag}=false")
-    assert run({"XLA_FLAGS": f"--{flag}=true"}) == (True, f"--{flag}=true")  # the user's choice
-    assert run({"HISTOKD_XLA_CPU_CONCURRENCY": "1"}) == (False, None)
-    assert run({}, knows=False) == (False, None)
