@@ -25,6 +25,10 @@ from histokd.errors import HistokdError
 
 
 def _cmd_train(args):
+    from histokd.runtime import prefer_sequential_xla_cpu
+
+    prefer_sequential_xla_cpu()  # process-wide XLA:CPU option, before anything is compiled
+
     from histokd.config import load_config
     from histokd.train import results_table, run
 
@@ -162,12 +166,15 @@ def _cmd_data(args):
 
 
 def _cmd_normalize(args):
+    from histokd.runtime import apply_cpu_threads, prefer_sequential_xla_cpu
+
+    prefer_sequential_xla_cpu()  # process-wide XLA:CPU option, before anything is compiled
+
     from histokd.stain import normalize_folder
-    from histokd.stain.macenko import _PARALLEL_CHUNKS
-    from histokd.runtime import apply_cpu_threads
+    from histokd.stain.macenko import PARALLEL_CHUNKS
 
     # one group of cores per chunk of tiles in flight (before TensorFlow's first op)
-    apply_cpu_threads(args.cpu_threads, streams=_PARALLEL_CHUNKS)
+    apply_cpu_threads(args.cpu_threads, streams=PARALLEL_CHUNKS)
 
     summary = normalize_folder(args.src, args.dst, target=args.target, batch_size=args.batch,
                                report=args.report)
