@@ -96,8 +96,8 @@ class GroupedConv2D(layers.Conv2D):
     kernel directly, which runs as a grouped convolution on CPU (oneDNN, and the
     Eigen kernels with ``TF_ENABLE_ONEDNN_OPTS=0``; checked on TensorFlow 2.21) and
     on cuDNN — Keras' own ``ops.conv`` sends grouped convolutions on CPU to XLA
-    instead. Measured here on a HoVer-Net dense-unit convolution (5×5, 128 → 32,
-    groups 4, 4×40×40): 2.8 ms native vs 5.4 ms for the dense form below. Where
+    instead, which is slower for HoVer-Net's dense-unit convolutions (figures:
+    docs/benchmarks.md), and so is the dense form below. Where
     the native kernel is missing or wrong (other backends, older builds), which a
     tiny eager probe detects once, it falls back to one dense convolution whose
     kernel is made block-diagonal by a constant mask: the same result with

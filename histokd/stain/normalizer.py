@@ -207,7 +207,7 @@ class MacenkoNormalization(keras.layers.Layer):
         if not hi > lo:
             raise StainError(f"value_range must be (low, high) with high > low, got {value_range}")
         self.value_range = (lo, hi)
-        # XLA on CPU lowers top_k to sorts (measured ~5x slower here), and dynamic
+        # XLA on CPU lowers top_k to sorts (several times slower), and dynamic
         # tile sizes make top_k uncompilable: keep the model out of
         # jit_compile="auto" (the per-pixel passes inside are XLA-compiled anyway).
         self.supports_jit = False
