@@ -3,12 +3,11 @@
 Speed on CPU: the heads of joint-embedding and MoBY training see few rows (a view
 batch of 32–256) against wide weights (2048–8192 squared). For such products,
 TensorFlow's (oneDNN's) ``MatMul`` with a transposed second operand — the input
-gradient ``dY Wᵀ`` of every dense layer — runs 2–4× slower than the same arithmetic
-written as ``(W dYᵀ)ᵀ`` (measured on a 2-core AVX-512 CPU: 32 rows, 2048² weight
-7.6 vs 2.2 ms; 8192², 128 rows 171 vs 117 ms; no gain from 256 rows on). The
-dense layers of the heads therefore run through :func:`thin_dense`, which keeps the
-Keras ``Dense`` weights and forward product and only computes that gradient the
-faster way when the batch is thin.
+gradient ``dY Wᵀ`` of every dense layer — runs several times slower than the same
+arithmetic written as ``(W dYᵀ)ᵀ``, and the gain vanishes from a few hundred rows on
+(figures: docs/benchmarks.md). The dense layers of the heads therefore run through
+:func:`thin_dense`, which keeps the Keras ``Dense`` weights and forward product and
+only computes that gradient the faster way when the batch is thin.
 """
 
 from __future__ import annotations
