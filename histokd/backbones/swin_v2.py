@@ -697,29 +697,6 @@ class SwinV2Backbone(Backbone):
 
 
 # --------------------------------------------------------------------------------------
-# presets (Swin V2 Table 1; drop-path rates of the official ImageNet-1K recipes)
-# --------------------------------------------------------------------------------------
-SWINV2_PRESETS = {
-    "swinv2_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
-    "swinv2_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.3),
-    "swinv2_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.5),
-}
-
-
-_FACTORIES = register_presets(
-    SwinV2Backbone, SWINV2_PRESETS, default_size=256,
-    summary=("Swin V2 preset {key!r}: C={embed_dim}, depths {depths}, heads {num_heads} "
-             "(Liu et al. 2022, Table 1).\n\nWindow 8 at 256 px (default); at 224 px the window "
-             "defaults to 7."),
-    tiny=dict(input_size=32, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-              drop_path_rate=0.0),
-)
-swinv2_tiny = _FACTORIES["swinv2_tiny"]
-swinv2_small = _FACTORIES["swinv2_small"]
-swinv2_base = _FACTORIES["swinv2_base"]
-
-
-# --------------------------------------------------------------------------------------
 # checkpoint layouts
 # --------------------------------------------------------------------------------------
 _HF_SW = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
@@ -836,7 +813,9 @@ def swinv2_kwargs_from_hf(config: dict) -> dict:
         raise ConfigError("Swin V2 config.json sets use_absolute_embeddings=true; histokd's Swin V2 has no "
                           "absolute position embeddings (the published Swin V2 models do not use them)")
     depths = [int(d) for d in c["depths"]]
-    pws = [int(p) for p in (c["pretrained_window_sizes"] or [0] * len(depths))]
+    pws = [int(p) for p in (c["pretrained_window_sizes"] or [])]
+    if not any(pws):  # transformers writes its 4-stage default [0, 0, 0, 0] whatever the depth
+        pws = 0
     return dict(input_size=_pair(c["image_size"], "image_size"), patch_size=int(c["patch_size"]),
                 embed_dim=int(c["embed_dim"]), depths=depths, num_heads=[int(h) for h in c["num_heads"]],
                 window_size=int(c["window_size"]), pretrained_window_size=pws,
@@ -865,3 +844,27 @@ register_hf_model_type(HFModelType(
     config_to_kwargs=swinv2_kwargs_from_hf, check_config=_warn_window_mismatch,
     default_normalization=dict(normalization="tf"),  # ViTImageProcessor's default mean = std = 0.5
 ))
+
+
+# --------------------------------------------------------------------------------------
+# presets (Swin V2 Table 1; drop-path rates of the official ImageNet-1K recipes)
+# --------------------------------------------------------------------------------------
+SWINV2_PRESETS = {
+    "swinv2_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
+    "swinv2_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.3),
+    "swinv2_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.5),
+}
+
+
+_FACTORIES = register_presets(
+    SwinV2Backbone, SWINV2_PRESETS, default_size=256,
+    summary=("Swin V2 preset {key!r}: C={embed_dim}, depths {depths}, heads {num_heads} "
+             "(Liu et al. 2022, Table 1).\n\nWindow 8 at 256 px (default); at 224 px the window "
+             "defaults to 7."),
+    # 64 px: the last stage keeps a 2x2 map (a 1x1 map makes its attention a constant)
+    tiny=dict(input_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+              drop_path_rate=0.0),
+)
+swinv2_tiny = _FACTORIES["swinv2_tiny"]
+swinv2_small = _FACTORIES["swinv2_small"]
+swinv2_base = _FACTORIES["swinv2_base"]

@@ -531,28 +531,6 @@ def fit_position_table(array, grid, origin: str = "pos_embed"):
 
 
 # --------------------------------------------------------------------------------------
-# presets
-# --------------------------------------------------------------------------------------
-VIT_PRESETS = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-
-_FACTORIES = register_presets(
-    ViTBackbone, VIT_PRESETS, default_size=224, base=dict(patch_size=16),
-    summary=("ViT /16 preset {key!r}: width {embed_dim}, depth {depth}, {num_heads} heads "
-             "(Dosovitskiy et al. 2021, Table 1; DeiT for tiny/small)."),
-    tiny=dict(input_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
-)
-vit_tiny = _FACTORIES["vit_tiny"]
-vit_small = _FACTORIES["vit_small"]
-vit_base = _FACTORIES["vit_base"]
-vit_large = _FACTORIES["vit_large"]
-
-
-# --------------------------------------------------------------------------------------
 # checkpoint layouts
 # --------------------------------------------------------------------------------------
 # Hugging Face ViT: save_pretrained file names and transformers ≥ 5 in-memory names.
@@ -655,3 +633,25 @@ register_hf_model_type(HFModelType(
     model_type="vit", family="vit", layout="hf_vit", build=ViTBackbone, config_to_kwargs=vit_kwargs_from_hf,
     default_normalization=dict(normalization="tf"),  # ViTImageProcessor: mean = std = 0.5
 ))
+
+
+# --------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------
+VIT_PRESETS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+_FACTORIES = register_presets(
+    ViTBackbone, VIT_PRESETS, default_size=224, base=dict(patch_size=16),
+    summary=("ViT /16 preset {key!r}: width {embed_dim}, depth {depth}, {num_heads} heads "
+             "(Dosovitskiy et al. 2021, Table 1; DeiT for tiny/small)."),
+    tiny=dict(input_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+)
+vit_tiny = _FACTORIES["vit_tiny"]
+vit_small = _FACTORIES["vit_small"]
+vit_base = _FACTORIES["vit_base"]
+vit_large = _FACTORIES["vit_large"]
