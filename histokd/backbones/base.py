@@ -163,9 +163,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # The op returns the unbiased (Bessel-corrected) variance; Keras keeps the biased
         # one: biased = unbiased * (n - 1) / n. Keras' update m * old + (1 - m) * new is
         # written old -= (1 - m) * (old - new), with the Bessel factor folded into a
-        # constant when the shape is static: 7 small ops per call instead of ~16 (a
-        # ResNet-50 step makes ~100 such calls; the profiler puts them at a few ms, within
-        # the step's noise). Same values to float32 rounding (tested against Keras).
+        # constant when the shape is static, so each call adds few small ops. Same values
+        # to float32 rounding (tested against Keras).
         rate = 1.0 - float(self.momentum)
         static_n = 1
         for d in x.shape[:-1]:
