@@ -294,17 +294,19 @@ class MacenkoFit:
 # ----------------------------------------------------------------- batched core
 
 
-
 def tissue_threshold(io: float = DEFAULT_IO, beta: float = DEFAULT_BETA) -> int:
     """Largest uint8 value v with -ln((v+1)/io) >= beta in float64 (-1 if none).
 
     A pixel is tissue iff its brightest channel is <= this value, which lets the
-    mask be computed on the uint8 input exactly as torchstain's float64 test.
+    mask be computed on the uint8 input exactly as torchstain's float64 test (step 2).
+
+    Args:
+        io: float. Transmitted light.
+        beta: float. OD threshold.
     """
     v = np.arange(256, dtype=np.float64)
     ok = -np.log((v + 1.0) / io) >= beta
     return int(np.nonzero(ok)[0].max()) if ok.any() else -1
-
 
 
 def _covariance(sums):
@@ -431,7 +433,6 @@ def _decompose_planar(
         "ok": ok,
         "eigvals": evals,
     }, xla
-
 
 
 def _pixels(images):
