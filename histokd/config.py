@@ -29,7 +29,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from histokd.data.augment_config import AugmentConfig  # noqa: F401  (the augment section; TF-free)
 from histokd.errors import ConfigError
+from histokd.registry import SOURCES, VIEWS
 from histokd.runtime import parse_cpu_threads  # noqa: F401  (train.cpu_threads is checked here)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -123,36 +125,6 @@ class ViewsConfig:
     magnify_prob: float = 0.5
     magnification: float = 2.0
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
-
-
-@dataclass
-class AugmentConfig:
-    """Table S1 of More From Less: augmentations and their probabilities.
-
-    Probabilities (``p_*``) are those of Table S1: flips 1.0, crop (75–100 % of the area)
-    1.0, Gaussian background noise 0.3, rotation 0.4, solarise 0.3, colour jitter 1.0.
-    Strengths the paper leaves open follow SimCLR/VICReg practice; see
-    :class:`histokd.data.augment.AugmentConfig` for each field's meaning.
-    """
-
-    p_flip: float = 1.0
-    p_crop: float = 1.0
-    crop_scale: List[float] = field(default_factory=lambda: [0.75, 1.0])
-    crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
-    p_rotate: float = 0.4
-    max_rotation: float = 180.0
-    p_noise: float = 0.3
-    noise_std: float = 0.05
-    noise_dist: str = "irwin_hall"
-    p_solarize: float = 0.3
-    solarize_threshold: float = 0.5
-    p_jitter: float = 1.0
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    brightness_mode: str = "multiplicative"
-    fill_mode: str = "reflect"
 
 
 @dataclass
@@ -355,14 +327,36 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class _RegisteredNames:
+    """The names of a registry minus some, looked up when validation first needs them
+    (the look-up imports the registering modules, which need TensorFlow)."""
+
+    def __init__(self, registry, exclude=()):
+        self.registry, self.exclude = registry, tuple(exclude)
+
+    def _names(self):
+        return [n for n in self.registry.names() if n not in self.exclude]
+
+    def __contains__(self, name):
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __repr__(self):
+        return repr(self._names())
+
+
 CHOICES = {
-    "data.source": ["synthetic", "folder", "manifest", "medmnist", "tfrecord", "mask_pairs"],
+    # sources and view kinds are registry entries; "auto" (path sniffing) and "eval" (feature
+    # extraction) are registered for the library but are not choices of a run
+    "data.source": _RegisteredNames(SOURCES, exclude=("auto",)),
     "data.on_bad_image": ["error", "skip"],
     "data.stain.method": ["none", "macenko"],
     "data.stain.on_failure": ["passthrough", "error"],
     "data.label": ["tissue", "nucleus_type"],
     "data.input": ["image", "mask"],
-    "views.kind": ["asymmetric", "symmetric", "identity", "mask", "mask_symmetric", "multiscale"],
+    "views.kind": _RegisteredNames(VIEWS, exclude=("eval",)),
     "views.augment_on": ["host", "device"],
     "model.method": ["vicreg", "simclr", "supervised", "moby", "distill"],
     "distill.feature_loss": ["mse", "cosine"],
@@ -475,45 +469,13 @@ def _validate(cfg: RunConfig):
                           f"{cfg.train.batch_size} (each step enqueues one global batch of keys)")
     if cfg.model.method not in ("supervised", "distill") and cfg.views.kind == "identity":
         raise ConfigError(f"model.method={cfg.model.method} needs two views: views.kind asymmetric, symmetric or mask")
-    _validate_mask_pairs(cfg)
-    if cfg.data.source != "synthetic" and not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (the folder, CSV or file to read)")
+    VIEWS.get(cfg.views.kind).validate(cfg)
+    SOURCES.get(cfg.data.source).validate(cfg)
     if not cfg.model.expander_dims and cfg.model.method != "supervised":
         raise ConfigError("model.expander_dims must list at least one width")
     for f in cfg.eval.label_fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"eval.label_fractions must be in (0, 1], got {f}")
-
-
-def _validate_mask_pairs(cfg: RunConfig):
-    """Tissue/nuclei distillation keys (More From Less §2.1, Table 2)."""
-    d, kind = cfg.data, cfg.views.kind
-    pairs = d.source == "mask_pairs"
-    if kind in ("mask", "mask_symmetric"):
-        if not pairs:
-            raise ConfigError(f"views.kind={kind} makes views from nuclear-type masks: set data.source=mask_pairs "
-                              "and data.path to a folder written by `histokd masks`")
-        if cfg.views.downsample is not None:
-            raise ConfigError(f"views.kind={kind} uses full-resolution masks: set views.downsample=null")
-    if not pairs:
-        if d.label != "tissue":
-            raise ConfigError(f"data.label={d.label} needs data.source=mask_pairs (nucleus-type labels come "
-                              "from `histokd masks`); other sources use their own labels")
-        if d.input != "image":
-            raise ConfigError(f"data.input={d.input} needs data.source=mask_pairs (masks come from `histokd masks`)")
-        return
-    if d.input == "mask":
-        if kind not in ("identity", "mask_symmetric"):
-            raise ConfigError(f"data.input=mask yields masks only, but views.kind={kind} reads H&E images; "
-                              "use views.kind identity (supervised on masks) or mask_symmetric, or data.input=image")
-        if d.stain.method != "none":
-            raise ConfigError("data.input=mask reads no H&E images, so nothing can be stain-normalised: set "
-                              "data.stain.method=none")
-        if kind == "identity" and cfg.views.downsample is not None:
-            raise ConfigError("data.input=mask trains on full-resolution masks: set views.downsample=null")
-    if kind == "multiscale":
-        raise ConfigError("views.kind=multiscale is not available on mask_pairs data; use mask, "
-                          "mask_symmetric, asymmetric, symmetric or identity")
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -58,33 +58,15 @@ def augment_params(cfg: RunConfig) -> dict:
 
 
 def make_views(cfg: RunConfig, training=True):
-    """The view maker of ``cfg.views`` (augmenting only when ``training``).
+    """The view maker of ``cfg.views`` (augmenting only when ``training``): the registered
+    view kind's ``from_run_config`` (see :class:`histokd.data.views.ViewKind`).
 
     ``views.kind: multiscale`` gives MoBY's two multi-scale crops (Swin V2 paper §III-A:
     random resized crop or, with ``views.magnify_prob``, a 2× magnified crop).
     """
-    from histokd.data.views import make_view_maker
+    from histokd.registry import VIEWS
 
-    if cfg.views.kind == "multiscale":
-        return _multiscale_views(cfg)
-
-    return make_view_maker(cfg.views.kind, cfg.data.image_size, downsample=cfg.views.downsample,
-                           augment=cfg.views.augment and training, aug_cfg=augment_params(cfg),
-                           seed=cfg.train.seed)
-
-
-def _multiscale_views(cfg: RunConfig):
-    from histokd.data.multiscale import make_multiscale_views
-
-    make = make_multiscale_views(size=cfg.data.image_size, scale=tuple(cfg.views.crop_scale),
-                                 magnify_prob=cfg.views.magnify_prob, magnification=cfg.views.magnification)
-    seed = int(cfg.train.seed)
-
-    def views(images, labels=None):
-        v = make(images, seed=seed)
-        return v if labels is None else (v, labels)
-
-    return views
+    return VIEWS.get(cfg.views.kind).from_run_config(cfg, training)
 
 
 def _with_stain(ds, stain):

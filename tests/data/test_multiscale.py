@@ -71,7 +71,7 @@ def test_in_tf_data_fresh_windows_every_batch():
     first, second = [e.numpy() for e in ds]
     assert first.shape == (4, 8, 8, 3) and first.min() >= 0.0 and first.max() <= 1.0
     assert not np.allclose(first, second)
-    make = VIEWS.get("multiscale")
+    make = VIEWS.get("multiscale").make
     views = tf.data.Dataset.from_tensors((x, tf.zeros([4], tf.int32))).map(lambda b, y: (make(size=8)(b), y))
     (v, _), = list(views)
     assert set(v) == {"view_a", "view_b"} and v["view_a"].shape == (4, 8, 8, 3)

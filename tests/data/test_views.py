@@ -199,7 +199,7 @@ def test_view_maker_layer_training_flag_and_roundtrip(tmp_path):
 def test_registry_and_errors():
     for kind in V.KINDS:
         assert kind in VIEWS
-    vm = VIEWS.get("symmetric")(S, downsample=R, seed=3)
+    vm = VIEWS.get("symmetric").make(S, downsample=R, seed=3)
     assert isinstance(vm, V.ViewMaker) and vm.kind == "symmetric"
     with pytest.raises(ConfigError, match="valid kinds"):
         V.make_view_maker("pairs", S)

@@ -1,4 +1,4 @@
-"""Batched, in-graph view makers for the joint-embedding methods.
+"""Batched, in-graph view makers for the joint-embedding methods, and the view-kind base.
 
 *More From Less*, Section 2.1: "the first image in an asymmetric pair might
 always be a lower resolution than the second image, while in a symmetric
@@ -77,9 +77,9 @@ from histokd.data.augment import (
     resolve_config,
 )
 from histokd.errors import ConfigError, DataError
-from histokd.registry import VIEWS
 
 __all__ = [
+    "ViewKind",
     "KINDS",
     "MASK_KINDS",
     "Downsample",
@@ -542,20 +542,6 @@ def make_view_maker(
     return ViewMaker(kind, image_size, downsample, augment, aug_cfg, seed, **kwargs)
 
 
-def _register(kind):
-    def factory(image_size, downsample=None, augment=True, aug_cfg=None, seed=0, **kwargs):
-        return make_view_maker(kind, image_size, downsample, augment, aug_cfg, seed, **kwargs)
-
-    factory.__name__ = f"{kind}_view_maker"
-    factory.__doc__ = f"Builds a {kind!r} view maker (see make_view_maker)."
-    if kind not in VIEWS:
-        VIEWS.register(kind, factory)
-
-
-for _kind in KINDS:
-    _register(_kind)
-
-
 @keras.saving.register_keras_serializable(package="histokd")
 class ViewMakerLayer(keras.layers.Layer):
     """View making as a Keras layer, to run inside the training step on device.
@@ -631,3 +617,91 @@ class ViewMakerLayer(keras.layers.Layer):
             antialias=self.antialias, mask_interpolation=self.mask_interpolation,
         )
         return config
+
+
+# ---------------------------------------------------------------------------
+# view kinds: what the registry holds
+
+
+class ViewKind:
+    """Base of a registered view kind (``views.kind``): how a batch becomes views.
+
+    A subclass registers itself in :data:`histokd.registry.VIEWS` and says which
+    batch keys it yields (:attr:`outputs`), builds its view maker from a run
+    configuration (:meth:`from_run_config`), says which input each branch's encoder
+    reads at evaluation (:meth:`branch_inputs`) and rejects configurations it cannot
+    serve (:meth:`validate`). The runner and the config validation only call these.
+
+    Attributes:
+        name: str. The ``views.kind`` key.
+        outputs: tuple[str, ...]. Keys of the views dict a view maker returns.
+        supports_device_augment: bool. Whether ``views.augment_on: device`` works
+            (a :class:`ViewMakerLayer` can make the views inside the train step).
+        reads_images: bool. Whether the kind needs H&E images in the batch (so it
+            cannot read a masks-only ``data.input: mask`` source).
+
+    Example:
+        >>> from histokd.registry import VIEWS
+        >>> VIEWS.get("asymmetric").outputs
+        ('view_a', 'view_b')
+    """
+
+    name = ""
+    outputs = ("view_a", "view_b")
+    supports_device_augment = True
+    reads_images = True
+
+    @classmethod
+    def make(cls, image_size, downsample=None, augment=True, aug_cfg=None, seed=0, **kwargs):
+        """The view maker of this kind from explicit arguments (see :func:`make_view_maker`)."""
+        return make_view_maker(cls.name, image_size, downsample, augment, aug_cfg, seed, **kwargs)
+
+    @classmethod
+    def from_run_config(cls, cfg, training: bool = True):
+        """The view maker of a run: ``(images, labels) -> (views, labels)``.
+
+        Args:
+            cfg: RunConfig. Reads ``data.image_size``, ``views`` (downsample, augment),
+                ``augment`` and ``train.seed``.
+            training: bool. Augment only when true (and ``views.augment``).
+        """
+        return cls.make(cfg.data.image_size, downsample=cfg.views.downsample,
+                        augment=cfg.views.augment and training, aug_cfg=_augment_dict(cfg), seed=cfg.train.seed)
+
+    @classmethod
+    def branch_inputs(cls, cfg) -> dict:
+        """Which input each branch's encoder reads: ``{"a": "downsampled", "b": "full"}`` etc.
+
+        Values are ``full``, ``downsampled`` (images) and ``mask`` (More From Less §2.2:
+        the sparse encoder is evaluated on downsampled or mask inputs, the dense one on
+        full-resolution images).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, cfg):
+        """Reject a run configuration this kind cannot serve.
+
+        Args:
+            cfg: RunConfig.
+
+        Raises:
+            ConfigError: with what to change.
+        """
+        d = cfg.data
+        if cls.reads_images and d.source == "mask_pairs" and d.input == "mask":
+            raise ConfigError(f"data.input=mask yields masks only, but views.kind={cfg.views.kind} reads H&E images; "
+                              "use views.kind identity (supervised on masks) or mask_symmetric, or data.input=image")
+
+
+def _augment_dict(cfg) -> dict:
+    """``cfg.augment`` as a mapping for :func:`resolve_config`."""
+    import dataclasses
+
+    return dataclasses.asdict(cfg.augment)
+
+
+def _down(cfg) -> str:
+    """``downsampled`` when ``views.downsample`` degrades the image, else ``full``."""
+    r = cfg.views.downsample
+    return "downsampled" if r and r < cfg.data.image_size else "full"
