@@ -119,3 +119,32 @@ def test_augment_schema_matches_runtime_config():
         assert got == want, f"augment.{name}: schema default {got!r} != runtime default {want!r}"
     # and the schema's dict is accepted as is by the runtime config
     assert A.AugmentConfig.from_dict(dataclasses.asdict(schema)) == runtime
+
+
+def test_one_augment_config_class():
+    """One dataclass is both the YAML schema and the runtime augmentation config."""
+    from histokd import config as C
+    from histokd.data import augment as A
+    from histokd.data import augment_config
+
+    assert C.AugmentConfig is A.AugmentConfig is augment_config.AugmentConfig
+    cfg = load_config("default", ["augment.crop_scale=[0.5, 1.0]", "augment.p_rotate=0.5"])
+    assert isinstance(cfg.augment, A.AugmentConfig) and cfg.augment.crop_scale == (0.5, 1.0)
+    assert A.resolve_config(cfg.augment) is cfg.augment
+    assert "crop_scale:\n  - 0.5" in cfg.to_yaml()
+    with pytest.raises(ConfigError, match="augment.p_noise"):
+        load_config("default", ["augment.p_noise=1.5"])
+
+
+def test_config_modules_do_not_import_tensorflow():
+    """config.py and the augment dataclass's module import no TensorFlow at module level."""
+    import ast
+
+    from histokd import config as C
+    from histokd.data import augment_config
+
+    for mod in (C, augment_config):
+        tree = ast.parse(open(mod.__file__).read())
+        names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+        assert not [n for n in names if n.split(".")[0] in ("tensorflow", "keras")], mod.__name__
