@@ -10,7 +10,7 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.1.0"
+from histokd._version import __version__  # noqa: E402
 
 from histokd.errors import (  # noqa: E402
     BadImageError,
@@ -28,7 +28,8 @@ from histokd import layers as _layers  # noqa: E402,F401
 from histokd import losses as _losses  # noqa: E402,F401
 from histokd import methods as _methods  # noqa: E402,F401
 from histokd import backbones as _backbones  # noqa: E402,F401
-from histokd.data import augment as _augment, multiscale as _multiscale, views as _views  # noqa: E402,F401
+from histokd import tasks as _tasks  # noqa: E402,F401
+from histokd.data import augment as _augment, views as _views  # noqa: E402,F401
 from histokd import stain as _stain  # noqa: E402,F401
 from histokd.nuclei import hovernet as _hovernet  # noqa: E402,F401
 from histokd.losses import hovernet as _hovernet_losses  # noqa: E402,F401

@@ -61,14 +61,14 @@ def _cmd_configs(args):
 
 
 def _load_run(run_dir):
-    from histokd.train import load_run_config
+    from histokd.runs import load_run_config
 
     return load_run_config(run_dir)
 
 
 def _rebuild(run_dir, cfg):
     from histokd.data.datasets import build_data
-    from histokd.train import load_trained_model
+    from histokd.runs import load_trained_model
 
     source = build_data(cfg)
     model, _ = load_trained_model(run_dir, num_classes=len(source.class_names))
@@ -76,33 +76,33 @@ def _rebuild(run_dir, cfg):
 
 
 def _cmd_eval(args):
-    from histokd.evaluation.runner import evaluate_run
     from histokd.data.datasets import stain_fn
-    from histokd.train import results_table
+    from histokd.tasks import get_task
 
     run_dir, cfg = _load_run(args.run_dir)
     model, source = _rebuild(run_dir, cfg)
-    results = evaluate_run(cfg, model, source, run_dir, stain=stain_fn(cfg), progress=not args.quiet)
+    task = get_task(cfg.task)
+    results = task.evaluate(cfg, model, source, run_dir, stain=stain_fn(cfg), progress=not args.quiet)
     results.pop("_heads", None)
     old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     old.update(results)
     (run_dir / "metrics.json").write_text(json.dumps(old, indent=2))
-    print(results_table(results))
+    print(task.summary(results))
     return 0
 
 
 def _cmd_export(args):
-    from histokd.evaluation.runner import evaluate_run
-    from histokd.export import export_run
     from histokd.data.datasets import stain_fn
+    from histokd.tasks import get_task
 
     run_dir, cfg = _load_run(args.run_dir)
     if args.saved_model:
         cfg.export.saved_model = True
     model, source = _rebuild(run_dir, cfg)
     stain = stain_fn(cfg)
-    results = evaluate_run(cfg, model, source, run_dir, stain=stain, progress=not args.quiet)
-    meta = export_run(cfg, model, results["_heads"], source, run_dir, stain=stain)
+    task = get_task(cfg.task)
+    results = task.evaluate(cfg, model, source, run_dir, stain=stain, progress=not args.quiet)
+    meta = task.export(cfg, model, results, source, run_dir, stain=stain)
     print(json.dumps(meta, indent=2))
     return 0
 

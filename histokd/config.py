@@ -153,75 +153,6 @@ class ModelConfig:
 
 
 @dataclass
-class MoBYConfig:
-    """MoBY pre-training (Xie et al. 2021, "Self-Supervised Learning with Swin Transformers"),
-    used by the Swin V2 paper (§III-A) before fine-tuning; ``model.method: moby``.
-
-    Args:
-        hidden_dim, out_dim: int. Projector/predictor widths (MoBY: 4096, 256).
-        proj_layers, pred_layers: int. Dense layers of projector and predictor (MoBY: 2).
-        temperature: float. Contrastive temperature τ (MoBY: 0.2).
-        queue_size: int. Keys per queue K (MoBY: 4096); at least the global batch size.
-        base_momentum: float. Start of the momentum schedule, which rises to 1 (MoBY: 0.99).
-    """
-
-    hidden_dim: int = 4096
-    out_dim: int = 256
-    proj_layers: int = 2
-    pred_layers: int = 2
-    temperature: float = 0.2
-    queue_size: int = 4096
-    base_momentum: float = 0.99
-
-
-@dataclass
-class DistillConfig:
-    """Teacher → student distillation (Swin V2 paper, §III-B, Eq. 1–2); ``model.method: distill``.
-
-    The student is ``model.backbone`` with a softmax head; the teacher is the trained
-    classifier of another histokd run (``teacher``: its run directory, e.g. a fine-tuned
-    Swin-B), frozen.
-
-    Args:
-        teacher: str. Run directory of the teacher (a finished ``supervised`` run, e.g. fine-tuning).
-        stage_alphas: list. α_i per distilled stage, shallow → deep (paper: 0.2, 0.15, 0.1
-            over three stages); null = evenly spaced 0.2 → 0.1 over the paired stages.
-        stages: int. Number of deepest stages to distil (paper: 3); null = every stage.
-        learnable_alphas: bool. α_i as constrained learnable parameters (the paper's variant).
-        temperature: float. τ of the KL term, Eq. (1).
-        ce_weight: float. α of Eq. (2), weight of the cross-entropy on labels.
-        feature_loss: str. ``mse`` or ``cosine`` feature alignment after projection.
-        schedule: str. ``fixed`` or ``progressive`` (stages switched on deep → shallow).
-        stage_interval_epochs: float. Epochs between switching on successive stages (progressive).
-    """
-
-    teacher: Optional[str] = None
-    stage_alphas: Optional[List[float]] = field(default_factory=lambda: [0.2, 0.15, 0.1])
-    stages: Optional[int] = 3
-    learnable_alphas: bool = False
-    temperature: float = 4.0
-    ce_weight: float = 1.0
-    feature_loss: str = "mse"
-    schedule: str = "fixed"
-    stage_interval_epochs: float = 1.0
-
-
-@dataclass
-class LossConfig:
-    """Loss coefficients (More From Less §2.2, following the original implementations).
-
-    Args:
-        invariance, variance, covariance: float. VICReg's λ=25, μ=25, ν=1 (Bardes et al. 2022).
-        temperature: float. NT-Xent temperature t=0.5 (SimCLR, Chen et al. 2020).
-    """
-
-    invariance: float = 25.0
-    variance: float = 25.0
-    covariance: float = 1.0
-    temperature: float = 0.5
-
-
-@dataclass
 class TrainConfig:
     """Optimisation (More From Less §2.2: Adam, warm-up cosine, lr 1e-4, batch 128, 100 epochs).
 
@@ -294,25 +225,49 @@ class ExportConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run. See the module docstring."""
+    """A whole run. See the module docstring.
+
+    Besides the shared sections below, a run holds the sections of its method (e.g.
+    ``loss`` for VICReg/SimCLR, ``moby``, ``distill``): each is the method's own ``Config``
+    dataclass, read as ``cfg.<section>`` and kept in :attr:`sections`.
+
+    Args:
+        task: str. How the run is evaluated and what it exports (a registered task:
+            ``classification``).
+    """
 
     name: str = "default"
     description: str = ""
     paper: str = ""
     output_dir: str = "runs"
+    task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    moby: MoBYConfig = field(default_factory=MoBYConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sections: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name):
+        # only reached when normal look-up fails: a method's section
+        if name.startswith("__"):
+            raise AttributeError(name)
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        section_cls = method_sections().get(name)
+        if section_cls is not None:
+            return section_cls()  # a section the config does not set: its defaults
+        raise AttributeError(f"RunConfig has no section {name!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+             else getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        for name, section in self.sections.items():
+            d[name] = dataclasses.asdict(section)
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -325,6 +280,26 @@ class RunConfig:
         d["train"].pop("verbose", None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def method_sections() -> Dict[str, type]:
+    """``{section name: Config dataclass}`` of every registered method that has a section.
+
+    Raises:
+        ConfigError: two methods declare the same section with different dataclasses.
+    """
+    from histokd.registry import METHODS
+
+    out = {}
+    for name, cls in METHODS.items():
+        section = getattr(cls, "config_section", None)
+        if not section:
+            continue
+        if section in out and out[section] is not cls.Config:
+            raise ConfigError(f"methods declare YAML section {section!r} with different fields "
+                              f"({out[section].__name__} and {cls.Config.__name__}, method {name!r})")
+        out[section] = cls.Config
+    return out
 
 
 class _RegisteredNames:
@@ -358,9 +333,6 @@ CHOICES = {
     "data.input": ["image", "mask"],
     "views.kind": _RegisteredNames(VIEWS, exclude=("eval",)),
     "views.augment_on": ["host", "device"],
-    "model.method": ["vicreg", "simclr", "supervised", "moby", "distill"],
-    "distill.feature_loss": ["mse", "cosine"],
-    "distill.schedule": ["fixed", "progressive"],
     "train.strategy": ["auto", "one_device", "mirrored", "multi_worker"],
 }
 
@@ -423,28 +395,73 @@ def _coerce(value, tp, where: str):
 
 def _build(cls, data: dict, where: str):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "sections"]
+    extra = method_sections() if cls is RunConfig else {}
+    kwargs, sections = {}, {}
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else key
+        if key in extra:
+            sections[key] = _coerce(value, extra[key], path)
+            continue
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            valid = names + sorted(extra)
+            close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown config key {path!r}.{hint} Valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+                f"unknown config key {path!r}.{hint} Valid keys{' of ' + where if where else ''}: {', '.join(valid)}"
             )
         kwargs[key] = _coerce(value, hints[key], path)
-    obj = cls(**kwargs)
-    return obj
+    if sections:
+        kwargs["sections"] = sections
+    return cls(**kwargs)
 
 
-def _validate(cfg: RunConfig):
-    for path, allowed in CHOICES.items():
+def _check_choices(cfg: RunConfig):
+    from histokd.registry import METHODS, TASKS
+
+    choices = dict(CHOICES, **{"model.method": METHODS.names(), "task": TASKS.names()})
+    for name, section in cfg.sections.items():
+        for key, allowed in getattr(type(section), "CHOICES", {}).items():
+            choices[f"{name}.{key}"] = allowed
+    for path, allowed in choices.items():
         obj = cfg
         for part in path.split("."):
             obj = getattr(obj, part)
         if obj not in allowed:
             raise ConfigError(f"{path} must be one of {allowed}, got {obj!r}")
+
+
+def _validate_method(cfg: RunConfig):
+    """What every method needs of a run (its section, the batches its view kind yields,
+    device-side views), then the method's own checks (``Method.validate_run_config``)."""
+    from histokd.registry import METHODS, VIEWS
+
+    name = cfg.model.method
+    method = METHODS.get(name)
+    section = getattr(method, "config_section", None)
+    if section and section not in cfg.sections:
+        cfg.sections[section] = method.Config()
+    kind = cfg.views.kind
+    view = VIEWS.get(kind)
+    outputs = view.outputs
+    needs = tuple(method.batch_inputs)
+    if not set(needs) <= set(outputs):
+        if needs == ("image",):
+            raise ConfigError(f"model.method={name} needs views.kind=identity (set views.downsample "
+                              "to train on downsampled images)")
+        fitting = [k for k in VIEWS.names() if k != "eval"
+                   and set(needs) <= set(VIEWS.get(k).outputs)]
+        raise ConfigError(f"model.method={name} needs batches with {list(needs)}, which views.kind={kind} "
+                          f"does not make; use views.kind {', '.join(fitting) or 'with two views'}")
+    if cfg.views.augment_on == "device" and not method.supports_device_augment:
+        supported = [k for k in METHODS.names() if METHODS.get(k).supports_device_augment]
+        raise ConfigError(f"views.augment_on=device is not supported by model.method={name} (only by "
+                          f"{', '.join(supported)}); use views.augment_on=host")
+    method.validate_run_config(cfg)
+
+
+def _validate(cfg: RunConfig):
+    _check_choices(cfg)
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 2:
         raise ConfigError("train.epochs must be >= 1 and train.batch_size >= 2 (batch-statistic losses need 2+ samples)")
@@ -455,24 +472,9 @@ def _validate(cfg: RunConfig):
         raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
     if cfg.views.downsample is not None and cfg.views.downsample < 1:
         raise ConfigError(f"views.downsample must be a positive size in pixels or null, got {cfg.views.downsample}")
-    if cfg.model.method in ("supervised", "distill") and cfg.views.kind not in ("identity",):
-        raise ConfigError(f"model.method={cfg.model.method} needs views.kind=identity (set views.downsample "
-                          "to train on downsampled images)")
-    if cfg.model.method == "distill" and not cfg.distill.teacher:
-        raise ConfigError("model.method=distill needs distill.teacher: the run directory of a trained "
-                          "teacher (e.g. runs/finetune_swinv2_base)")
-    if cfg.views.augment_on == "device" and cfg.model.method not in ("vicreg", "simclr", "supervised"):
-        raise ConfigError(f"views.augment_on=device is not supported by model.method={cfg.model.method}; "
-                          "use views.augment_on=host")
-    if cfg.model.method == "moby" and cfg.moby.queue_size < cfg.train.batch_size:
-        raise ConfigError(f"moby.queue_size={cfg.moby.queue_size} must be >= train.batch_size="
-                          f"{cfg.train.batch_size} (each step enqueues one global batch of keys)")
-    if cfg.model.method not in ("supervised", "distill") and cfg.views.kind == "identity":
-        raise ConfigError(f"model.method={cfg.model.method} needs two views: views.kind asymmetric, symmetric or mask")
+    _validate_method(cfg)
     VIEWS.get(cfg.views.kind).validate(cfg)
     SOURCES.get(cfg.data.source).validate(cfg)
-    if not cfg.model.expander_dims and cfg.model.method != "supervised":
-        raise ConfigError("model.expander_dims must list at least one width")
     for f in cfg.eval.label_fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"eval.label_fractions must be in (0, 1], got {f}")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import keras
 
+from histokd._version import __version__
 from histokd.errors import DataError
-
-import histokd
 
 
 def build_classifier(encoder, head, image_size, downsample=None, stain_layer=None, name="classifier"):
@@ -67,7 +66,7 @@ def export_run(cfg, model, heads: dict, source, run_dir, stain=None) -> dict:
     size = cfg.data.image_size
     stain_layer = _stain_layer(stain)
     meta = {
-        "histokd_version": histokd.__version__,
+        "histokd_version": __version__,
         "config_name": cfg.name,
         "config_hash": cfg.hash(),
         "method": cfg.model.method,

@@ -17,7 +17,6 @@ number of optimizer steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ from histokd.data.datasets import (  # noqa: F401  (also re-exported for scripts
     train_dataset,
     val_dataset,
 )
+from histokd.registry import METHODS
+from histokd.runs import build_method, load_run_config, load_trained_model  # noqa: F401  (re-exported)
 from histokd.optimizers import FusedAdam, FusedAdamW, adam, warmup_cosine  # noqa: F401  (re-exported)
 from histokd.runtime import (  # noqa: F401  (re-exported: the runner's process settings)
     apply_cpu_threads,
@@ -50,140 +51,10 @@ from histokd.runtime import (  # noqa: F401  (re-exported: the runner's process 
 # building blocks
 # ---------------------------------------------------------------------------------------
 def build_encoder(cfg: RunConfig, name: str, backbone=None):
-    from histokd.backbones import make_backbone
+    """The encoder of ``cfg.model`` (see :func:`histokd.methods.base.build_encoder`)."""
+    from histokd.methods.base import build_encoder as _build
 
-    kwargs = dict(cfg.model.backbone_kwargs)
-    enc = make_backbone(backbone or cfg.model.backbone, input_size=cfg.data.image_size,
-                        weights=cfg.model.weights, **kwargs)
-    # a unique name per branch so both encoders can live in one model / .keras file
-    enc.name = name
-    return enc
-
-
-def build_method(cfg: RunConfig, num_classes: int, total_steps=None):
-    """The ``keras.Model`` the config describes (not compiled).
-
-    Args:
-        cfg: RunConfig.
-        num_classes: int. Classes of the labelled task (supervised / distill heads).
-        total_steps: int. Optimizer steps of the whole run (MoBY's momentum schedule and the
-            progressive distillation schedule need it; None when only rebuilding to load weights).
-    """
-    from histokd.methods import JointEmbedding, Supervised
-
-    m = cfg.model
-    if m.method == "supervised":
-        enc = build_encoder(cfg, "encoder")
-        model = Supervised(enc, num_classes=num_classes, name="supervised")
-        model.build()
-        return model
-    if m.method == "moby":
-        return _build_moby(cfg, total_steps)
-    if m.method == "distill":
-        return _build_distiller(cfg, num_classes, total_steps)
-    enc_a = build_encoder(cfg, "encoder_a")
-    enc_b = None
-    if not m.shared:
-        enc_b = build_encoder(cfg, "encoder_b", backbone=m.backbone_b)
-    elif m.backbone_b and m.backbone_b != m.backbone:
-        raise ConfigError("model.shared=true cannot use two different backbones (model.backbone_b)")
-    if m.method == "vicreg":
-        loss_kwargs = dict(invariance=cfg.loss.invariance, variance=cfg.loss.variance,
-                           covariance=cfg.loss.covariance)
-    else:
-        loss_kwargs = dict(temperature=cfg.loss.temperature)
-    model = JointEmbedding(enc_a, enc_b, shared=m.shared, expander_dims=m.expander_dims,
-                           loss=m.method, loss_kwargs=loss_kwargs, name=f"{m.method}_joint_embedding")
-    model.build()
-    return model
-
-
-def _build_moby(cfg: RunConfig, total_steps):
-    """MoBY on ``model.backbone`` (Swin V2 paper §III-A; Xie et al. 2021)."""
-    from histokd.methods.moby import MoBY
-
-    mc = cfg.moby
-    size = cfg.data.image_size
-    return MoBY(build_encoder(cfg, "encoder"), image_shape=(size, size, 3), hidden_dim=mc.hidden_dim,
-                out_dim=mc.out_dim, proj_layers=mc.proj_layers, pred_layers=mc.pred_layers,
-                temperature=mc.temperature, queue_size=mc.queue_size, base_momentum=mc.base_momentum,
-                total_steps=total_steps, seed=cfg.train.seed, name="moby")
-
-
-def _build_distiller(cfg: RunConfig, num_classes: int, total_steps):
-    """Frozen teacher (another run's classifier) → fresh student (Swin V2 paper §III-B, Eq. 1–2)."""
-    from histokd.methods import Supervised
-    from histokd.methods.distiller import Distiller, find_backbone
-
-    d = cfg.distill
-    teacher, tcfg = load_trained_model(d.teacher)
-    if tcfg.model.method != "supervised":
-        raise ConfigError(f"distill.teacher {d.teacher} is a {tcfg.model.method!r} run; the teacher must "
-                          "be a trained classifier (a supervised / fine-tuning run)")
-    if teacher.num_classes != num_classes:
-        raise ConfigError(f"the teacher in {d.teacher} predicts {teacher.num_classes} classes but this "
-                          f"dataset has {num_classes}; distil on the teacher's task")
-    if tcfg.data.image_size != cfg.data.image_size:
-        raise ConfigError(f"the teacher was trained on {tcfg.data.image_size}px images, this run uses "
-                          f"{cfg.data.image_size}px; set data.image_size={tcfg.data.image_size}")
-    teacher.name = "teacher"
-    student = Supervised(build_encoder(cfg, "student_encoder"), num_classes=num_classes, name="student")
-    student.build()
-    ns = len(getattr(find_backbone(student), "stage_names", None) or [])
-    nt = len(getattr(find_backbone(teacher), "stage_names", None) or [])
-    k = min(ns, nt) if d.stages is None else int(d.stages)
-    if k > min(ns, nt):
-        raise ConfigError(f"distill.stages={k} but the student has {ns} stages and the teacher {nt}")
-    # the k deepest stages of each, paired in order (paper: three stages)
-    pairs = [(ns - k + i, nt - k + i) for i in range(k)]
-    steps_per_epoch = max(1, (total_steps or 1) // cfg.train.epochs)
-    interval = max(1, int(round(d.stage_interval_epochs * steps_per_epoch)))
-    return Distiller(teacher, student, stage_pairs=pairs if k else None,
-                     student_stages="auto" if k else None, teacher_stages="auto" if k else None,
-                     stage_alphas=d.stage_alphas if k else [], learnable_alphas=d.learnable_alphas,
-                     temperature=d.temperature, ce_weight=d.ce_weight, feature_loss=d.feature_loss,
-                     schedule=d.schedule, stage_interval=interval if d.schedule == "progressive" else None,
-                     image_shape=(cfg.data.image_size, cfg.data.image_size, 3), name="distiller")
-
-
-def load_run_config(run_dir):
-    """``(Path, RunConfig)`` of a run directory written by ``histokd train``."""
-    from histokd.config import config_from_dict, load_yaml
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise HistokdError(f"{run_dir} is not a histokd run directory (no config.yaml); "
-                           "pass the folder `histokd train` printed")
-    return run_dir, config_from_dict(load_yaml(cfg_path))
-
-
-def load_trained_model(run_dir, num_classes=None):
-    """Rebuild a finished run's model from its config and load its last weights.
-
-    Returns:
-        (keras.Model, RunConfig)
-    """
-    run_dir, cfg = load_run_config(run_dir)
-    weights = run_dir / "checkpoints" / "last.weights.h5"
-    if not weights.exists():
-        raise HistokdError(f"{weights} does not exist: the run has not finished an epoch yet; "
-                           "run `histokd train` with the same config to resume it")
-    if num_classes is None:
-        meta = run_dir / "export" / "metadata.json"
-        if meta.exists():
-            num_classes = len(json.loads(meta.read_text())["class_names"])
-        else:
-            num_classes = len(build_data(cfg).class_names)
-    # the checkpoint holds every weight: do not re-read the initial weights file (which may be gone)
-    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
-    model = build_method(build_cfg, num_classes=num_classes)
-    try:
-        model.load_weights(weights)
-    except ValueError as e:
-        raise HistokdError(f"the weights in {weights} do not fit the model its config describes ({e}); "
-                           "was the run directory edited by hand?") from None
-    return model, cfg
+    return _build(cfg, name, backbone)
 
 
 def make_optimizer(cfg: RunConfig, steps_per_epoch: int):
@@ -296,10 +167,11 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
         overwrite: bool. Delete an existing run directory of the same name first.
         progress: bool. Progress bars.
     """
-    from histokd.evaluation.runner import evaluate_run
-    from histokd.export import export_run
+    from histokd.tasks import get_task
 
-    apply_cpu_threads(cfg.train.cpu_threads, cfg.model.method)  # before TensorFlow's first op
+    method_cls = METHODS.get(cfg.model.method)
+    task = get_task(cfg.task)
+    apply_cpu_threads(cfg.train.cpu_threads, streams=method_cls.cpu_streams)  # before TensorFlow's first op
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
@@ -331,18 +203,10 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
             synchronize_batchnorm(model)
         if on_device:
             model.view_maker = views
-        if cfg.model.method == "supervised":
-            model.compile(optimizer=make_optimizer(cfg, steps), loss="sparse_categorical_crossentropy",
-                          metrics=["accuracy"], jit_compile=cfg.train.jit_compile)
-        elif cfg.model.method == "distill":
-            model.compile(optimizer=make_optimizer(cfg, steps), metrics=["accuracy"],
-                          jit_compile=cfg.train.jit_compile)
-        else:
-            model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
+        model.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile,
+                      **method_cls.compile_defaults(cfg))
         # build the optimizer state now: one trace of the train step instead of two
         model.optimizer.build(model.trainable_variables)
-    if on_device and cfg.model.method in ("supervised", "distill"):
-        ds = ds.map(lambda x, y: views(x, y))
 
     val_ds = val_dataset(cfg, source, None if on_device else views, stain)
 
@@ -393,12 +257,8 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
                            "lower train.lr or enable stain normalisation for badly stained data")
     train_seconds = time.time() - t0
 
-    eval_cfg, eval_model = cfg, model
-    if cfg.model.method == "distill":
-        # the student is the product: evaluate and export it as a supervised classifier
-        eval_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, method="supervised"))
-        eval_model = model.student
-    results = evaluate_run(eval_cfg, eval_model, source, run_dir, stain=stain, progress=progress)
+    # the task evaluates what the method produced (model.evaluation_model(): a distiller's student)
+    results = task.evaluate(cfg, model, source, run_dir, stain=stain, progress=progress)
     results["train"] = {"steps": steps_done, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
                         "seconds": round(train_seconds, 1), "replicas": replicas,
                         "config_hash": cfg.hash(),
@@ -406,7 +266,8 @@ def run(cfg: RunConfig, overwrite=False, progress=True) -> dict:
                         "cpu_threads": thread_pools()}
     if stain is not None:
         results["stain"] = stain.counts()  # tiles seen / passed through unchanged (robustness policy)
-    export_run(cfg, eval_model, results.pop("_heads"), source, run_dir, stain=stain)
+    task.export(cfg, model, results, source, run_dir, stain=stain)
+    results.pop("_heads", None)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=_jsonable))
     try:
         from histokd.analysis.plots import plot_history
@@ -437,17 +298,10 @@ def _last_loss(run_dir: Path) -> float:
 
 
 def results_table(results: dict) -> str:
-    """A plain-text table of the probe / supervised results of a run."""
-    rows = []
-    for branch, per in results.get("evaluation", {}).items():
-        for frac, m in per.items():
-            rows.append((branch, frac, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
-                         m["auc_ovr"] if m["auc_ovr"] is not None else float("nan")))
-    head = f"{'encoder (input)':<28}{'labels':>8}{'accuracy':>10}{'bal.acc':>10}{'macroF1':>10}{'AUC':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r[0]:<28}{r[1]:>8}{r[2]:>10.4f}{r[3]:>10.4f}{r[4]:>10.4f}{r[5]:>8.4f}")
-    return "\n".join(lines)
+    """A plain-text table of a run's results (its task's summary)."""
+    from histokd.tasks import get_task
+
+    return get_task(results.get("task", "classification")).summary(results)
 
 
 def steps_for(cfg: RunConfig, n_train: int) -> int:

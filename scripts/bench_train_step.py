@@ -18,7 +18,7 @@ drift on a shared machine hits all of them alike:
   cross-replica gather is a no-op on one device) and the optimizer ``histokd
   train`` uses (``histokd.train.FusedAdam``); with shared branches the expander's
   dense layers run once on both views (BatchNorm still per view,
-  ``Expander.call_views``). Timed between the ends of the
+  ``ProjectionHead.call_views``). Timed between the ends of the
   first and last batch of each ``fit`` call, i.e. steady state.
 * ``torch_eager``     – the same model written out in PyTorch (ResNet-50 with
   Keras' layout: stride in the first 1×1 convolution, convolution biases),

@@ -115,6 +115,121 @@ def assert_loss_decreases(loss_fn, shapes, steps=20, lr=0.05, seed=0):
     return first, last
 
 
+def assert_config_roundtrip_full(obj):
+    """``get_config`` holds every constructor argument, and ``from_config`` rebuilds an object
+    whose config is identical (so nothing the user passed is lost in a ``.keras`` file)."""
+    import inspect
+
+    cfg = obj.get_config()
+    params = [p for p in inspect.signature(type(obj).__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    missing = [p.name for p in params if p.name not in cfg]
+    assert not missing, f"{type(obj).__name__}.get_config() lacks constructor arguments {missing}"
+    clone = type(obj).from_config(cfg)
+    again = clone.get_config()
+    diff = sorted(k for k in set(cfg) | set(again) if cfg.get(k) != again.get(k))
+    assert not diff, f"{type(obj).__name__} config does not round-trip: keys {diff} differ"
+    return clone
+
+
+def tiny_method(name, workdir, extra=()):
+    """``(method, batch, cfg)``: the registered method ``name`` built from its tiny run config,
+    compiled with its defaults, and one batch of its views (random uint8 tiles, random labels)."""
+    import tensorflow as tf
+
+    from histokd.data.datasets import make_views
+    from histokd.methods.base import TINY_CLASSES, tiny_run_config
+    from histokd.registry import METHODS
+
+    cls = METHODS.get(name)
+    cfg = tiny_run_config(name, workdir, extra)
+    model = cls.from_run_config(cfg, num_classes=TINY_CLASSES, total_steps=20)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), **cls.compile_defaults(cfg))
+    rng = np.random.default_rng(0)
+    size = cfg.data.image_size
+    images = tf.constant(rng.integers(0, 256, (cfg.train.batch_size, size, size, 3), dtype=np.uint8))
+    labels = tf.constant(np.arange(cfg.train.batch_size) % TINY_CLASSES, tf.int32)
+    views, labels = make_views(cfg, training=True)(images, labels)
+    return model, (views, labels), cfg
+
+
+def run_method_test(model, batch, tmp_path, steps=12):
+    """What every method must do (ARCHITECTURE.md, tests): every trainable weight gets a
+    gradient; ``fit`` on a few tiny batches gives a finite loss that falls; the optimizer
+    touches no non-trainable (frozen, momentum, teacher) variable; a ``.keras`` round trip
+    gives identical outputs.
+
+    Args:
+        model: a compiled :class:`histokd.methods.base.Method`.
+        batch: ``(inputs, labels)`` of the method's views.
+        tmp_path: pathlib.Path. Scratch folder for the ``.keras`` file.
+        steps: int. Optimizer steps of the fit.
+    """
+    import tensorflow as tf
+
+    x, y = batch
+    state = model.before_step(x, y, training=False)
+    with tf.GradientTape() as tape:
+        loss = model.compute_terms(x, y, training=True, state=state)["loss"]
+    grads = tape.gradient(loss, model.trainable_variables)
+    bad = [v.path for v, g in zip(model.trainable_variables, grads)
+           if g is None or not np.any(ops.convert_to_numpy(g))]
+    assert not bad, f"no (or all-zero) gradient reaches: {bad[:10]}"
+    assert np.isfinite(float(loss)), f"loss is not finite: {float(loss)}"
+
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps)
+    hist = model.fit(ds, epochs=1, verbose=0, shuffle=False)
+    per_step = model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(2), epochs=2, verbose=0, shuffle=False)
+    first, last = hist.history["loss"][0], per_step.history["loss"][-1]
+    assert np.isfinite(first) and np.isfinite(last), f"non-finite loss: {first} -> {last}"
+    assert last < first, f"loss did not fall over {steps + 4} steps: {first} -> {last}"
+    opt_ids = {id(v) for v in model.optimizer._trainable_variables}
+    touched = [v.path for v in model.non_trainable_variables if id(v) in opt_ids]
+    assert not touched, f"the optimizer updates non-trainable variables: {touched[:10]}"
+    trainable_ids = {id(v) for v in model.trainable_variables}
+    assert opt_ids <= trainable_ids, "the optimizer holds variables that are not the method's trainable ones"
+    assert_saved_model_roundtrip(model, x, tmp_path)
+    return hist
+
+
+def assert_mirrored_matches_one_device(make_model, batch, loss_atol=1e-5, grad_rtol=1e-4, devices=None):
+    """One SGD step of ``make_model()`` under ``MirroredStrategy`` on 2 logical CPUs gives the
+    same loss and the same weight update as on one device (the cross-replica rule).
+
+    Args:
+        make_model: callable returning a built, uncompiled method (seeded: both calls must
+            build the same initial weights).
+        batch: ``(inputs, labels)``; the global batch (split over the replicas).
+        loss_atol: float. Tolerance of the loss.
+        grad_rtol: float. Tolerance of each weight's update, relative to the largest update.
+        devices: list of str. Devices to mirror over (default: the first two logical CPUs).
+    """
+    import tensorflow as tf
+
+    from histokd.methods.base import synchronize_batchnorm
+    from histokd.runtime import mirrored_strategy
+
+    def one(strategy):
+        with strategy.scope():
+            model = make_model()
+            if strategy.num_replicas_in_sync > 1:
+                synchronize_batchnorm(model)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), **type(model).compile_defaults(None))
+        w0 = [ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+        logs = model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0, shuffle=False).history
+        step = [ops.convert_to_numpy(w) - a for w, a in zip(model.trainable_weights, w0)]
+        return logs["loss"][0], step
+
+    cpus = devices or [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(cpus) == 2, "needs two logical CPU devices (tests/conftest.py makes them)"
+    loss1, step1 = one(tf.distribute.OneDeviceStrategy(cpus[0]))
+    loss2, step2 = one(mirrored_strategy(cpus))
+    assert abs(loss1 - loss2) <= loss_atol * max(1.0, abs(loss1)), f"loss {loss1} (one device) != {loss2} (mirrored)"
+    scale = max(float(np.abs(s).max()) for s in step1) or 1.0
+    for i, (a, b) in enumerate(zip(step1, step2)):
+        assert np.abs(a - b).max() <= grad_rtol * scale, f"update of weight {i} differs under MirroredStrategy"
+
+
 def run_backbone_test(name, tiny_kwargs=None, input_size=None, tmp_path=None, batch=2, seed=0):
     """Every harness check on registered backbone ``name``, built small.
 

@@ -1,7 +1,7 @@
 """Config → datasets of one run: the source, stain normalisation, view makers and the
 train / validation / evaluation ``tf.data`` pipelines.
 
-Used by the runner (:mod:`histokd.train`), the evaluation (:mod:`histokd.evaluation.runner`)
+Used by the runner (:mod:`histokd.train`), the tasks (:mod:`histokd.tasks`)
 and the analysis commands, so every place that reads a run's data reads it the same way.
 
 Batches are ``(x, y)`` with ``x`` a uint8 ``[B, H, W, 3]`` image batch, or, for
@@ -119,24 +119,13 @@ def branch_input_kinds(cfg: RunConfig) -> dict:
     """Which input each trained encoder reads: ``{"a": "downsampled", "b": "full"}`` etc.
 
     More From Less §2.2: the sparse encoder is evaluated on downsampled (or mask) inputs,
-    the dense encoder on full-resolution images. Table 2: ``views.kind: mask`` pairs a
-    mask encoder (a) with an image encoder (b), ``mask_symmetric`` two mask encoders, and
-    a supervised run on a mask_pairs source with ``data.input: mask`` reads masks.
+    the dense encoder on full-resolution images. The run's method answers
+    (``Method.branch_input_kinds``; by default its view kind's ``branch_inputs``).
     Kinds: ``full``, ``downsampled`` (images) and ``mask``; see :func:`branch_input`.
     """
-    k, r = cfg.views.kind, cfg.views.downsample
-    down = "downsampled" if r and r < cfg.data.image_size else "full"
-    if cfg.model.method in ("supervised", "distill"):
-        return {"image": "mask" if getattr(cfg.data, "input", "image") == "mask" else down}
-    if cfg.model.method == "moby":  # MoBY's online encoder, on full images (Swin V2 paper §III-A)
-        return {"online": "full"}
-    if k == "asymmetric":
-        return {"a": down, "b": "full"}
-    if k == "symmetric":
-        return {"a": down, "b": down}
-    if k == "mask_symmetric":
-        return {"a": "mask", "b": "mask"}
-    return {"a": "mask", "b": "full"}
+    from histokd.registry import METHODS
+
+    return METHODS.get(cfg.model.method).branch_input_kinds(cfg)
 
 
 def branch_input(x, kind: str):

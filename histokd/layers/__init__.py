@@ -1,6 +1,6 @@
 """Reusable Keras layers (heads, attention, masking)."""
 
 from histokd.layers.attention import MLP, DropPath, LayerScale, MultiHeadSelfAttention
-from histokd.layers.heads import Expander, LinearHead
+from histokd.layers.heads import LinearHead, ProjectionHead
 
-__all__ = ["DropPath", "Expander", "LayerScale", "LinearHead", "MLP", "MultiHeadSelfAttention"]
+__all__ = ["DropPath", "LayerScale", "LinearHead", "MLP", "MultiHeadSelfAttention", "ProjectionHead"]

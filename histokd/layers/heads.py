@@ -1,4 +1,4 @@
-"""Projection heads: the VICReg/SimCLR expander and the linear-evaluation head.
+"""Heads: the one projection head (expander / projector / predictor) and the linear-evaluation head.
 
 Speed on CPU: the heads of joint-embedding and MoBY training see few rows (a view
 batch of 32–256) against wide weights (2048–8192 squared). For such products,
@@ -83,34 +83,72 @@ def thin_dense(x, dense):
 
 
 @keras.saving.register_keras_serializable(package="histokd")
-class Expander(keras.layers.Layer):
-    """Expander (projector) of a joint-embedding branch.
+class ProjectionHead(keras.layers.Layer):
+    """Projection head (expander, projector, predictor): (Dense → BatchNorm → ReLU) × (L−1) → Dense.
 
-    Dense layers with BatchNorm + ReLU between them and a plain linear last layer,
-    as in VICReg (Bardes et al. 2022) and More From Less §2.2 ("expanders were
-    composed of three dense layers with ReLU activations and output size 8192").
+    The one head of every joint-embedding and momentum method; the papers' heads
+    differ only in their settings:
+
+    * VICReg / More From Less expander (Bardes et al. 2022; More From Less §2.2: "three
+      dense layers with ReLU activations and output size 8192"): :meth:`expander` — no
+      bias before BatchNorm, Keras' BatchNorm defaults.
+    * MoBY projector / predictor (Xie et al. 2021, §3: 2-layer MLPs, hidden 4096, output
+      256, SyncBN): :meth:`moby` — biases everywhere, BatchNorm momentum 0.9 (PyTorch's
+      0.1), ε 1e-5, cross-replica statistics.
 
     Args:
-        dims: list of int. Output width of each dense layer (paper: [8192, 8192, 8192]).
+        dims: list of int. Output width of each dense layer (the last is the output width).
+        hidden_bias: bool. Bias in the hidden dense layers (redundant before BatchNorm).
+        norm_momentum: float. BatchNorm moving-average momentum (Keras convention).
+        norm_epsilon: float. BatchNorm ε.
+        synchronized: bool. Cross-replica BatchNorm statistics, so a run on R replicas
+            normalises with the global batch like one device.
 
     Example:
-        >>> z = Expander([64, 64, 64])(keras.random.normal((4, 32)))
+        >>> z = ProjectionHead([64, 64, 64])(keras.random.normal((4, 32)))
+        >>> p = ProjectionHead.moby(hidden_dim=64, out_dim=16, num_layers=2)
     """
 
-    def __init__(self, dims=(8192, 8192, 8192), **kwargs):
+    def __init__(self, dims=(8192, 8192, 8192), hidden_bias=False, norm_momentum=0.99, norm_epsilon=1e-3,
+                 synchronized=False, **kwargs):
         super().__init__(**kwargs)
         if not dims:
-            raise ConfigError("Expander needs at least one layer width (model.expander_dims)")
+            raise ConfigError("a projection head needs at least one layer width (model.expander_dims)")
         self.dims = [int(d) for d in dims]
-        self.dense = [keras.layers.Dense(d, use_bias=(i == len(self.dims) - 1), name=f"dense_{i}")
+        self.hidden_bias = bool(hidden_bias)
+        self.norm_momentum = float(norm_momentum)
+        self.norm_epsilon = float(norm_epsilon)
+        self.synchronized = bool(synchronized)
+        last = len(self.dims) - 1
+        self.dense = [keras.layers.Dense(d, use_bias=self.hidden_bias or i == last, name=f"dense_{i}")
                       for i, d in enumerate(self.dims)]
-        self.norms = [keras.layers.BatchNormalization(name=f"bn_{i}") for i in range(len(self.dims) - 1)]
+        self.norms = [keras.layers.BatchNormalization(momentum=self.norm_momentum, epsilon=self.norm_epsilon,
+                                                      synchronized=self.synchronized, name=f"bn_{i}")
+                      for i in range(last)]
+
+    @classmethod
+    def expander(cls, dims=(8192, 8192, 8192), **kwargs):
+        """VICReg's / More From Less' expander (see the class docstring)."""
+        return cls(dims, **kwargs)
+
+    @classmethod
+    def moby(cls, hidden_dim=4096, out_dim=256, num_layers=2, synchronized=True, **kwargs):
+        """MoBY's projector / predictor with ``num_layers`` dense layers (MoBY: 2)."""
+        if int(num_layers) < 1:
+            raise ConfigError(f"a MoBY projector/predictor needs num_layers >= 1, got {num_layers}")
+        dims = [int(hidden_dim)] * (int(num_layers) - 1) + [int(out_dim)]
+        return cls(dims, hidden_bias=True, norm_momentum=0.9, norm_epsilon=1e-5, synchronized=synchronized,
+                   **kwargs)
+
+    @property
+    def out_dim(self):
+        return self.dims[-1]
 
     def build(self, input_shape):
-        shape = input_shape
+        shape = tuple(input_shape)
         for i, dense in enumerate(self.dense):
             dense.build(shape)
-            shape = dense.compute_output_shape(shape)
+            shape = shape[:-1] + (self.dims[i],)
             if i < len(self.norms):
                 self.norms[i].build(shape)
         self.built = True
@@ -123,14 +161,13 @@ class Expander(keras.layers.Layer):
         return x
 
     def call_views(self, views, training=None):
-        """The expander applied to each of several views, with each view's own BatchNorm
+        """The head applied to each of several views, with each view's own BatchNorm
         statistics (as separate calls), but every dense layer run once on all views.
 
         Equal to ``[self(v) for v in views]`` (the dense layers are linear, so one matrix
         product over the concatenated rows is the same product; BatchNorm still sees one
         view at a time, in the same order, so moving statistics update identically) —
-        only faster: a VICReg batch of 32 per view makes thin matrix products, and
-        doubling their rows speeds the expander up by ~30 % on CPU.
+        only faster, because thin matrix products waste the CPU's vector units.
 
         Args:
             views: list of [B_i, D] tensors.
@@ -159,7 +196,8 @@ class Expander(keras.layers.Layer):
 
     def get_config(self):
         cfg = super().get_config()
-        cfg.update(dims=list(self.dims))
+        cfg.update(dims=list(self.dims), hidden_bias=self.hidden_bias, norm_momentum=self.norm_momentum,
+                   norm_epsilon=self.norm_epsilon, synchronized=self.synchronized)
         return cfg
 
 

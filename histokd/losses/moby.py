@@ -98,31 +98,4 @@ def moby_loss(q1, q2, k1, k2, queue1, queue2, temperature=0.2, normalize=True):
     return {"loss": a["loss"] + b["loss"], "accuracy": 0.5 * (a["accuracy"] + b["accuracy"])}
 
 
-def momentum_schedule(step, total_steps, base_momentum=0.99):
-    """MoBY's (BYOL's) cosine momentum schedule from ``base_momentum`` to 1.
-
-        m(k) = 1 − (1 − m₀) · (cos(π k / K) + 1) / 2,    k clipped to [0, K].
-
-    Args:
-        step: int or scalar tensor. k, the number of updates done so far.
-        total_steps: int or None. K; None keeps m = m₀ constant.
-        base_momentum: float. m₀ (0.99 in MoBY).
-
-    Returns:
-        float32 scalar tensor m(k).
-
-    Example:
-        >>> float(momentum_schedule(0, 100))   # 0.99
-        >>> float(momentum_schedule(100, 100))  # 1.0
-    """
-    m0 = ops.convert_to_tensor(base_momentum, "float32")
-    if total_steps is None:
-        return m0
-    if int(total_steps) <= 0:
-        raise ConfigError(f"momentum schedule total_steps must be > 0, got {total_steps}")
-    k = ops.clip(ops.cast(step, "float32"), 0.0, float(total_steps))
-    cos = ops.cos(ops.convert_to_tensor(3.141592653589793, "float32") * k / float(total_steps))
-    return 1.0 - (1.0 - m0) * (cos + 1.0) / 2.0
-
-
 LOSSES.register("moby", moby_loss)

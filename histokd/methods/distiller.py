@@ -11,20 +11,56 @@ written in :mod:`histokd.losses.distillation`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+from typing import List, Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from histokd.errors import ConfigError
 from histokd.losses.distillation import FEATURE_LOSSES, distillation_loss
-from histokd.methods.base import num_replicas, unpack
+from histokd.methods.base import Method, build_encoder, image_shape, unpack
 from histokd.registry import METHODS
 
 PAPER_ALPHAS = (0.2, 0.15, 0.1)
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Teacher → student distillation (Swin V2 paper, §III-B, Eq. 1–2); YAML section ``distill``.
+
+    The student is ``model.backbone`` with a softmax head; the teacher is the trained
+    classifier of another histokd run (``teacher``: its run directory, e.g. a fine-tuned
+    Swin-B), frozen.
+
+    Args:
+        teacher: str. Run directory of the teacher (a finished ``supervised`` run, e.g. fine-tuning).
+        stage_alphas: list. α_i per distilled stage, shallow → deep (paper: 0.2, 0.15, 0.1
+            over three stages); null = evenly spaced 0.2 → 0.1 over the paired stages.
+        stages: int. Number of deepest stages to distil (paper: 3); null = every stage.
+        learnable_alphas: bool. α_i as constrained learnable parameters (the paper's variant).
+        temperature: float. τ of the KL term, Eq. (1).
+        ce_weight: float. α of Eq. (2), weight of the cross-entropy on labels.
+        feature_loss: str. ``mse`` or ``cosine`` feature alignment after projection.
+        schedule: str. ``fixed`` or ``progressive`` (stages switched on deep → shallow).
+        stage_interval_epochs: float. Epochs between switching on successive stages (progressive).
+    """
+
+    teacher: Optional[str] = None
+    stage_alphas: Optional[List[float]] = dataclasses.field(default_factory=lambda: [0.2, 0.15, 0.1])
+    stages: Optional[int] = 3
+    learnable_alphas: bool = False
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    feature_loss: str = "mse"
+    schedule: str = "fixed"
+    stage_interval_epochs: float = 1.0
+
+    #: allowed values, checked with the other sections' choices
+    CHOICES = {"feature_loss": ["mse", "cosine"], "schedule": ["fixed", "progressive"]}
 
 
 # ------------------------------------------------------------------ layer look-up and taps
@@ -284,7 +320,7 @@ def _logit(p):
 
 
 @keras.saving.register_keras_serializable(package="histokd")
-class Distiller(keras.Model):
+class Distiller(Method):
     """Teacher → student distillation with per-stage feature terms (Swin V2 paper, Eq. 1–2).
 
     ``fit`` trains the student (and the stage projections, and the α_i when learnable)
@@ -344,6 +380,12 @@ class Distiller(keras.Model):
         >>> d.fit(train_ds, epochs=10)
         >>> d.student.save("student.keras")
     """
+
+    Config = DistillConfig
+    config_section = "distill"
+    batch_inputs = ("image",)
+    cross_replica = "mean"
+    nested = ("teacher", "student")
 
     def __init__(self, teacher, student, student_stages="auto", teacher_stages="auto", stage_pairs="auto",
                  stage_alphas=None, learnable_alphas=False, alpha_bounds=None, temperature=4.0, ce_weight=1.0,
@@ -430,8 +472,80 @@ class Distiller(keras.Model):
             aligner.build()
             self.aligners.append(aligner)
             self._t_layouts.append(aligner.t_layout)
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "kd", "ce", "feature")}
+        self.track("loss", "kd", "ce", "feature")
         self.built = True
+
+    # -- run-config hooks ------------------------------------------------------------------
+    @classmethod
+    def validate_run_config(cls, cfg):
+        if not cls.section(cfg).teacher:
+            raise ConfigError(f"model.method={cfg.model.method} needs distill.teacher: the run directory of a "
+                              "trained teacher (e.g. runs/finetune_swinv2_base)")
+
+    @classmethod
+    def from_run_config(cls, cfg, num_classes, total_steps=None):
+        """Frozen teacher (another run's classifier) → fresh student (Swin V2 paper §III-B, Eq. 1–2)."""
+        from histokd.methods.supervised import Supervised
+        from histokd.runs import load_trained_model
+
+        d = cls.section(cfg)
+        teacher, tcfg = load_trained_model(d.teacher)
+        if not isinstance(teacher, Supervised):
+            raise ConfigError(f"distill.teacher {d.teacher} is a {tcfg.model.method!r} run; the teacher must "
+                              "be a trained classifier (a supervised / fine-tuning run)")
+        if teacher.num_classes != num_classes:
+            raise ConfigError(f"the teacher in {d.teacher} predicts {teacher.num_classes} classes but this "
+                              f"dataset has {num_classes}; distil on the teacher's task")
+        if tcfg.data.image_size != cfg.data.image_size:
+            raise ConfigError(f"the teacher was trained on {tcfg.data.image_size}px images, this run uses "
+                              f"{cfg.data.image_size}px; set data.image_size={tcfg.data.image_size}")
+        teacher.name = "teacher"
+        student = Supervised(build_encoder(cfg, "student_encoder"), num_classes=num_classes, name="student")
+        student.build()
+        ns = len(getattr(find_backbone(student), "stage_names", None) or [])
+        nt = len(getattr(find_backbone(teacher), "stage_names", None) or [])
+        k = min(ns, nt) if d.stages is None else int(d.stages)
+        if k > min(ns, nt):
+            raise ConfigError(f"distill.stages={k} but the student has {ns} stages and the teacher {nt}")
+        # the k deepest stages of each, paired in order (paper: three stages)
+        pairs = [(ns - k + i, nt - k + i) for i in range(k)]
+        steps_per_epoch = max(1, (total_steps or 1) // cfg.train.epochs)
+        interval = max(1, int(round(d.stage_interval_epochs * steps_per_epoch)))
+        return cls(teacher, student, stage_pairs=pairs if k else None,
+                   student_stages="auto" if k else None, teacher_stages="auto" if k else None,
+                   stage_alphas=d.stage_alphas if k else [], learnable_alphas=d.learnable_alphas,
+                   temperature=d.temperature, ce_weight=d.ce_weight, feature_loss=d.feature_loss,
+                   schedule=d.schedule, stage_interval=interval if d.schedule == "progressive" else None,
+                   image_shape=image_shape(cfg), name="distiller")
+
+    @classmethod
+    def compile_defaults(cls, cfg):
+        return {"metrics": ["accuracy"]}
+
+    @classmethod
+    def tiny_overrides(cls, workdir):
+        """A teacher run directory in ``workdir`` (an untrained supervised classifier of the
+        tiny config, saved as a finished run) and the overrides that distil from it."""
+        from pathlib import Path
+
+        from histokd.methods.base import TINY_CLASSES, tiny_run_config
+        from histokd.methods.supervised import Supervised
+
+        overrides = ["views.kind=identity", "views.downsample=null", "distill.schedule=fixed"]
+        cfg = tiny_run_config("supervised", workdir, ["name=tiny_teacher"])
+        run_dir = Path(cfg.output_dir) / cfg.name
+        weights = run_dir / "checkpoints" / "last.weights.h5"
+        if not weights.exists():
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            Supervised.from_run_config(cfg, num_classes=TINY_CLASSES).save_weights(weights)
+        return overrides + [f"distill.teacher={run_dir}"]
+
+    @classmethod
+    def branch_input_kinds(cls, cfg):
+        from histokd.methods.supervised import Supervised
+
+        return Supervised.branch_input_kinds(cfg)  # the student is a supervised classifier
 
     # -- construction helpers ---------------------------------------------------------------
     @staticmethod
@@ -569,7 +683,7 @@ class Distiller(keras.Model):
             "teacher_features": t_feats,
         }
 
-    def _terms(self, x, y, training):
+    def compute_terms(self, x, y, sample_weight=None, training=False, state=None):
         out = self.forward(self._images(x), training=training)
         terms = distillation_loss(
             out["logits"], out["teacher_logits"], y, out["student_features"], out["teacher_features"],
@@ -579,46 +693,21 @@ class Distiller(keras.Model):
         )
         if self.student.losses:
             terms["loss"] = terms["loss"] + ops.sum(ops.stack([ops.cast(l, "float32") for l in self.student.losses]))
-        return terms, out["logits"]
-
-    def train_step(self, data):
-        x, y, sw = unpack(data)
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            terms, logits = self._terms(x, y, training=True)
-            # per-replica mean over its slice; the optimizer sums replicas' gradients
-            scaled = self.optimizer.scale_loss(terms["loss"] / num_replicas())
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
-        return self._update(terms, x, y, logits, sw)
-
-    def test_step(self, data):
-        x, y, sw = unpack(data)
-        terms, logits = self._terms(x, y, training=False)
-        return self._update(terms, x, y, logits, sw)
+        terms["y_pred"] = out["logits"]
+        return terms
 
     def predict_step(self, data):
         x, _, _ = unpack(data)
         return self(x, training=False)
 
-    def _update(self, terms, x, y, logits, sw):
-        for k, tracker in self._trackers.items():
-            tracker.update_state(terms[k])
-        if y is not None:
-            return self.compute_metrics(x, y, logits, sample_weight=sw)
-        return self.get_metrics_result()
-
-    @property
-    def metrics(self):
-        mine = list(self._trackers.values())
-        ids = {id(m) for m in mine}
-        rest = [m for m in super().metrics if id(m) not in ids and m.name != "loss"]
-        return mine + rest
-
     # -- export ---------------------------------------------------------------------------
     def branch_encoders(self):
         """``{"student": backbone}`` (the student's backbone, or the student itself)."""
         return {"student": find_backbone(self.student) or self.student}
+
+    def evaluation_model(self):
+        """The student: the product of distillation, evaluated and exported as a classifier."""
+        return self.student
 
     def _spec(self, role):
         spec = self._stage_specs[role]
@@ -626,9 +715,8 @@ class Distiller(keras.Model):
 
     def get_config(self):
         cfg = super().get_config()
-        ser = keras.saving.serialize_keras_object
         cfg.update(
-            teacher=ser(self.teacher), student=ser(self.student),
+            **self.serialize_nested(teacher=self.teacher, student=self.student),
             student_stages=self._spec("student"), teacher_stages=self._spec("teacher"),
             stage_pairs=[list(p) for p in self.stage_pairs], stage_alphas=list(self.stage_alphas),
             learnable_alphas=self.learnable_alphas,
@@ -640,13 +728,4 @@ class Distiller(keras.Model):
         )
         return cfg
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        de = keras.saving.deserialize_keras_object
-        config["teacher"] = de(config["teacher"])
-        config["student"] = de(config["student"])
-        return cls(**config)
-
-
-METHODS.register("distiller", Distiller)
+METHODS.register("distill", Distiller)

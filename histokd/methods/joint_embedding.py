@@ -5,30 +5,54 @@ encoder followed by an expander, see two views of the same image — a downsampl
 (information-sparse) view and the original (information-dense) view in the asymmetric
 case, two downsampled views in the symmetric case, or a nuclear-type mask and its
 image. The branches share weights or not (Table S3) and are trained with VICReg
-(λ=25, μ=25, ν=1) or SimCLR's NT-Xent (t=0.5). CASS (two different backbones on the
-same view) is the same class with two different encoders.
+(λ=25, μ=25, ν=1) or SimCLR's NT-Xent (t=0.5). The loss is any registered ``LOSSES``
+entry taking two embedding batches and returning a dict of terms with ``loss``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import keras
-import tensorflow as tf
+import numpy as np
 
 from histokd.errors import ConfigError
-from histokd.layers.heads import Expander
-from histokd.losses.ntxent import nt_xent
-from histokd.losses.vicreg import vicreg_terms
-from histokd.methods.base import gather_across_replicas, kernels_side_by_side, normalized_std, unpack
-from histokd.registry import METHODS
+from histokd.layers.heads import ProjectionHead
+from histokd.methods.base import Method, build_encoder, gather_across_replicas, normalized_std
+from histokd.registry import LOSSES, METHODS
+from histokd.runtime import kernels_side_by_side
 
-_LOSS_TERMS = {
-    "vicreg": ("loss", "invariance", "variance", "covariance"),
-    "simclr": ("loss", "pair_accuracy"),
-}
+#: former loss names of saved models
+_LOSS_ALIASES = {"simclr": "nt_xent"}
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss coefficients of the joint-embedding methods, YAML section ``loss``
+    (More From Less §2.2, following the original implementations).
+
+    Args:
+        invariance, variance, covariance: float. VICReg's λ=25, μ=25, ν=1 (Bardes et al. 2022).
+        temperature: float. NT-Xent temperature t=0.5 (SimCLR, Chen et al. 2020).
+    """
+
+    invariance: float = 25.0
+    variance: float = 25.0
+    covariance: float = 1.0
+    temperature: float = 0.5
+
+
+def _loss_fn(name):
+    return LOSSES.get(_LOSS_ALIASES.get(name, name))
+
+
+def _loss_params(fn):
+    return [p for p in list(inspect.signature(fn).parameters)[2:]]
 
 
 @keras.saving.register_keras_serializable(package="histokd")
-class JointEmbedding(keras.Model):
+class JointEmbedding(Method):
     """Two-branch joint-embedding model (VICReg or SimCLR), weights shared or independent.
 
     Branch a reads ``view_a`` (the information-sparse view), branch b reads ``view_b``.
@@ -44,38 +68,54 @@ class JointEmbedding(keras.Model):
             not shared, a clone of ``encoder_a`` with fresh weights.
         shared: bool. One encoder and one expander for both branches.
         expander_dims: list of int. Expander widths (paper: 3×8192).
-        loss: str. ``vicreg`` or ``simclr``.
-        loss_kwargs: dict. ``invariance``/``variance``/``covariance`` or ``temperature``.
-        expander_a, expander_b: Expander. Pre-built expanders (used when reloading).
+        loss: str. A ``LOSSES`` key: ``vicreg`` or ``nt_xent`` (``simclr`` is accepted for it);
+            any registered loss ``f(z_a, z_b, **loss_kwargs) -> {"loss": ..., ...}`` works.
+        loss_kwargs: dict. Keyword arguments of the loss (``invariance``/``variance``/
+            ``covariance`` for VICReg, ``temperature`` for NT-Xent).
+        expander_a, expander_b: ProjectionHead. Pre-built expanders (used when reloading).
+        merge_views: bool. Shared branches only: run the expander's dense layers once on both
+            views (:meth:`ProjectionHead.call_views`); default: yes unless TensorFlow's pools
+            run kernels side by side (:func:`histokd.runtime.kernels_side_by_side`).
 
     Example:
         >>> from histokd.backbones import make_backbone
         >>> enc = make_backbone("resnet18", input_size=32, width=0.25, small_input=True)
-        >>> model = JointEmbedding(enc, shared=False, expander_dims=[64, 64, 64])
+        >>> model = VICReg(enc, shared=False, expander_dims=[64, 64, 64])
         >>> model.compile(optimizer="adam")
     """
 
-    #: one encoder chain per view: the runtime's CPU thread plan runs them side by side
-    cpu_streams = 2
+    Config = LossConfig
+    config_section = "loss"
+    cpu_streams = 2  # one encoder chain per view: the CPU thread plan runs them side by side
+    supports_device_augment = True
+    cross_replica = "global"
+    nested = ("encoder_a", "encoder_b")
+    #: the loss a registered subclass trains with (VICReg, SimCLR)
+    default_loss = "vicreg"
 
     def __init__(self, encoder_a, encoder_b=None, shared=False, expander_dims=(8192, 8192, 8192),
-                 loss="vicreg", loss_kwargs=None, expander_a=None, expander_b=None, **kwargs):
+                 loss=None, loss_kwargs=None, expander_a=None, expander_b=None, merge_views=None, **kwargs):
         super().__init__(**kwargs)
-        if loss not in _LOSS_TERMS:
-            raise ConfigError(f"JointEmbedding loss must be one of {sorted(_LOSS_TERMS)}, got {loss!r}")
+        # Shared branches: one merged expander product for both views is faster with
+        # TensorFlow's default pools; when the CPU thread plan runs each view's chain on
+        # its own cores, two per-view chains are faster. Decided once, here, and saved,
+        # so call() builds the same graph whatever the process's pools are later.
+        self.merge_views = (not kernels_side_by_side()) if merge_views is None else bool(merge_views)
+        loss = loss or self.default_loss
+        try:
+            self._loss = _loss_fn(loss)
+        except KeyError as e:
+            raise ConfigError(f"JointEmbedding loss: {e}") from None
         self.loss_name = loss
         self.loss_kwargs = dict(loss_kwargs or {})
-        if loss == "vicreg":
-            allowed = {"invariance", "variance", "covariance"}
-        else:
-            allowed = {"temperature"}
+        allowed = set(_loss_params(self._loss))
         bad = set(self.loss_kwargs) - allowed
         if bad:
             raise ConfigError(f"{loss} loss takes {sorted(allowed)}, got unexpected {sorted(bad)}")
         self.shared = bool(shared)
         self.expander_dims = [int(d) for d in expander_dims]
         self.encoder_a = encoder_a
-        self.expander_a = expander_a or Expander(self.expander_dims, name="expander_a")
+        self.expander_a = expander_a or ProjectionHead.expander(self.expander_dims, name="expander_a")
         if self.shared:
             self.encoder_b = self.encoder_a
             self.expander_b = self.expander_a
@@ -85,11 +125,42 @@ class JointEmbedding(keras.Model):
             if encoder_b is encoder_a:
                 raise ConfigError("independent branches need two encoder objects; pass shared=True to share one")
             self.encoder_b = encoder_b
-            self.expander_b = expander_b or Expander(self.expander_dims, name="expander_b")
-        self.view_maker = None  # set by the runner for views.augment_on=device (not saved)
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in _LOSS_TERMS[loss]}
-        self._trackers["std_a"] = keras.metrics.Mean(name="std_a")
-        self._trackers["std_b"] = keras.metrics.Mean(name="std_b")
+            self.expander_b = expander_b or ProjectionHead.expander(self.expander_dims, name="expander_b")
+        self.track(*self._term_names(), "std_a", "std_b")
+
+    def _term_names(self):
+        """Names of the loss's terms, read from one call on a small random batch."""
+        z = np.random.default_rng(0).standard_normal((4, 8)).astype("float32")
+        terms = self._loss(z, z[::-1], **self.loss_kwargs)
+        if "loss" not in terms:
+            raise ConfigError(f"loss {self.loss_name!r} must return a dict with 'loss', got {sorted(terms)}")
+        return ["loss"] + sorted(k for k in terms if k != "loss")
+
+    # -- run-config hooks ------------------------------------------------------------------
+    @classmethod
+    def validate_run_config(cls, cfg):
+        m = cfg.model
+        if not m.expander_dims:
+            raise ConfigError("model.expander_dims must list at least one width")
+        if m.shared and m.backbone_b and m.backbone_b != m.backbone:
+            raise ConfigError("model.shared=true cannot use two different backbones (model.backbone_b)")
+
+    @classmethod
+    def tiny_overrides(cls, workdir):
+        return ["model.expander_dims=[16,16]", "views.kind=asymmetric", "views.downsample=8"]
+
+    @classmethod
+    def from_run_config(cls, cfg, num_classes, total_steps=None):
+        m = cfg.model
+        enc_a = build_encoder(cfg, "encoder_a")
+        enc_b = None if m.shared else build_encoder(cfg, "encoder_b", backbone=m.backbone_b)
+        loss = _loss_fn(cls.default_loss)
+        section = dataclasses.asdict(cls.section(cfg))
+        loss_kwargs = {k: section[k] for k in _loss_params(loss) if k in section}
+        model = cls(enc_a, enc_b, shared=m.shared, expander_dims=m.expander_dims, loss=cls.default_loss,
+                    loss_kwargs=loss_kwargs, name=f"{m.method}_joint_embedding")
+        model.build()
+        return model
 
     # -- forward ---------------------------------------------------------------------------
     def embed_a(self, x, training=False):
@@ -101,12 +172,9 @@ class JointEmbedding(keras.Model):
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict) or "view_a" not in inputs or "view_b" not in inputs:
             raise ConfigError("JointEmbedding expects a dict with 'view_a' and 'view_b' images")
-        if self.shared and not kernels_side_by_side():
+        if self.shared and self.merge_views:
             # one expander for both branches: its dense layers run once on both views
-            # (BatchNorm still per view), see Expander.call_views. Not when the process
-            # runs each view's chain on its own cores (histokd train's CPU thread plan):
-            # there two per-view chains beat one merged single-pool product (+1.5 % on
-            # the ResNet-50 VICReg step on 2 cores).
+            # (BatchNorm still per view), see ProjectionHead.call_views
             f_a = self.encoder_a(inputs["view_a"], training=training)
             f_b = self.encoder_a(inputs["view_b"], training=training)
             z_a, z_b = self.expander_a.call_views([f_a, f_b], training=training)
@@ -130,44 +198,14 @@ class JointEmbedding(keras.Model):
     # -- loss --------------------------------------------------------------------------------
     def loss_terms(self, z_a, z_b):
         """Loss terms on the global batch (gathered across replicas)."""
-        z_a = gather_across_replicas(z_a)
-        z_b = gather_across_replicas(z_b)
-        if self.loss_name == "vicreg":
-            return vicreg_terms(z_a, z_b, **self.loss_kwargs)
-        return nt_xent(z_a, z_b, **self.loss_kwargs)
+        return self._loss(gather_across_replicas(z_a), gather_across_replicas(z_b), **self.loss_kwargs)
 
-    @property
-    def metrics(self):
-        return list(self._trackers.values())
-
-    def _step(self, data, training):
-        x, y, _ = unpack(data)
-        if self.view_maker is not None and not (isinstance(x, dict) and "view_a" in x):
-            # augment_on: device — views are made inside the step, on the accelerator
-            x, _ = self.view_maker(x, y)
+    def compute_terms(self, x, y, sample_weight=None, training=False, state=None):
         out = self(x, training=training)
         terms = self.loss_terms(out["z_a"], out["z_b"])
         terms["std_a"] = normalized_std(out["z_a"])
         terms["std_b"] = normalized_std(out["z_b"])
         return terms
-
-    def train_step(self, data):
-        with tf.GradientTape() as tape:
-            terms = self._step(data, training=True)
-            loss = terms["loss"]
-            scaled = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
-        return self._update(terms)
-
-    def test_step(self, data):
-        return self._update(self._step(data, training=False))
-
-    def _update(self, terms):
-        for k, tracker in self._trackers.items():
-            tracker.update_state(terms[k])
-        return {k: t.result() for k, t in self._trackers.items()}
 
     # -- encoders for evaluation / export --------------------------------------------------
     def branch_encoders(self):
@@ -176,26 +214,28 @@ class JointEmbedding(keras.Model):
 
     def get_config(self):
         cfg = super().get_config()
-        ser = keras.saving.serialize_keras_object
-        cfg.update(
-            encoder_a=ser(self.encoder_a),
-            encoder_b=None if self.shared else ser(self.encoder_b),
-            shared=self.shared,
-            expander_dims=self.expander_dims,
-            loss=self.loss_name,
-            loss_kwargs=self.loss_kwargs,
-        )
+        cfg.update(self.serialize_nested(encoder_a=self.encoder_a,
+                                         encoder_b=None if self.shared else self.encoder_b))
+        cfg.update(shared=self.shared, expander_dims=self.expander_dims, loss=self.loss_name,
+                   loss_kwargs=self.loss_kwargs, merge_views=self.merge_views)
         return cfg
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        de = keras.saving.deserialize_keras_object
-        config["encoder_a"] = de(config["encoder_a"])
-        if config.get("encoder_b") is not None:
-            config["encoder_b"] = de(config["encoder_b"])
-        return cls(**config)
+
+@keras.saving.register_keras_serializable(package="histokd")
+class VICReg(JointEmbedding):
+    """:class:`JointEmbedding` trained with VICReg (Bardes et al. 2022; More From Less §2.2:
+    λ=25, μ=25, ν=1). ``model.method: vicreg``."""
+
+    default_loss = "vicreg"
 
 
-METHODS.register("vicreg", JointEmbedding)
-METHODS.register("simclr", JointEmbedding)
+@keras.saving.register_keras_serializable(package="histokd")
+class SimCLR(JointEmbedding):
+    """:class:`JointEmbedding` trained with SimCLR's NT-Xent (Chen et al. 2020; More From Less
+    §2.2: t=0.5). ``model.method: simclr``."""
+
+    default_loss = "nt_xent"
+
+
+METHODS.register("vicreg", VICReg)
+METHODS.register("simclr", SimCLR)

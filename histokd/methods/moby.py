@@ -14,71 +14,18 @@ distillation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from histokd.errors import ConfigError
-from histokd.layers.heads import thin_dense
-from histokd.losses.moby import moby_loss, momentum_schedule
-from histokd.methods.base import gather_across_replicas, unpack
+from histokd.layers.heads import ProjectionHead
+from histokd.losses.moby import moby_loss
+from histokd.methods.base import Method, build_encoder, gather_across_replicas, image_shape
+from histokd.methods.momentum import MomentumTeacher, clone_fresh, momentum_schedule
 from histokd.registry import METHODS
-
-
-@keras.saving.register_keras_serializable(package="histokd")
-class MoBYMLP(keras.layers.Layer):
-    """MoBY's projector / predictor: (Dense → BatchNorm → ReLU) × (L−1) → Dense.
-
-    Args:
-        hidden_dim: int. Width of the hidden layers (MoBY: 4096).
-        out_dim: int. Output width (MoBY: 256).
-        num_layers: int. Number of dense layers, ≥ 1 (MoBY: 2).
-        synchronized: bool. Cross-replica BatchNorm statistics (MoBY uses SyncBN), so
-            a run on R replicas normalises with the global batch like one device.
-
-    Example:
-        >>> z = MoBYMLP(64, 16)(keras.random.normal((4, 32)), training=True)
-    """
-
-    def __init__(self, hidden_dim=4096, out_dim=256, num_layers=2, synchronized=True, **kwargs):
-        super().__init__(**kwargs)
-        if int(num_layers) < 1:
-            raise ConfigError(f"MoBYMLP needs num_layers >= 1, got {num_layers}")
-        self.hidden_dim = int(hidden_dim)
-        self.out_dim = int(out_dim)
-        self.num_layers = int(num_layers)
-        self.synchronized = bool(synchronized)
-        self.hidden = [keras.layers.Dense(self.hidden_dim, name=f"dense_{i}") for i in range(self.num_layers - 1)]
-        self.norms = [
-            keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=self.synchronized,
-                                            name=f"bn_{i}")
-            for i in range(self.num_layers - 1)
-        ]
-        self.out = keras.layers.Dense(self.out_dim, name=f"dense_{self.num_layers - 1}")
-
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        for dense, norm in zip(self.hidden, self.norms):
-            dense.build(shape)
-            shape = shape[:-1] + (self.hidden_dim,)
-            norm.build(shape)
-        self.out.build(shape)
-        self.built = True
-
-    def call(self, x, training=None):
-        for dense, norm in zip(self.hidden, self.norms):
-            x = ops.relu(norm(thin_dense(x, dense), training=training))
-        return thin_dense(x, self.out)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.out_dim,)
-
-    def get_config(self):
-        cfg = super().get_config()
-        cfg.update(hidden_dim=self.hidden_dim, out_dim=self.out_dim, num_layers=self.num_layers,
-                   synchronized=self.synchronized)
-        return cfg
 
 
 def _l2n(x):
@@ -92,23 +39,30 @@ def _build_on(layer, shape):
     return layer
 
 
-def _clone_fresh(model, what):
-    """A copy of ``model`` with the same architecture and its own (not shared) variables."""
-    try:
-        # recursive: nested sub-models (a keras.applications net inside a wrapper) must be
-        # copied too, or the "momentum" twin would share their variables with the online net
-        clone = keras.models.clone_model(model, recursive=True)
-    except Exception as e:  # noqa: BLE001 - turned into an actionable message
-        raise ConfigError(
-            f"MoBY cannot copy the {what} {getattr(model, 'name', model)!r} to make its momentum twin "
-            f"({type(e).__name__}: {e}). Use a functional/Sequential model or a registered subclass "
-            "with get_config/from_config."
-        ) from None
-    return clone
+@dataclasses.dataclass
+class MoBYConfig:
+    """MoBY pre-training (Xie et al. 2021, "Self-Supervised Learning with Swin Transformers"),
+    used by the Swin V2 paper (§III-A) before fine-tuning; YAML section ``moby``.
+
+    Args:
+        hidden_dim, out_dim: int. Projector/predictor widths (MoBY: 4096, 256).
+        proj_layers, pred_layers: int. Dense layers of projector and predictor (MoBY: 2).
+        temperature: float. Contrastive temperature τ (MoBY: 0.2).
+        queue_size: int. Keys per queue K (MoBY: 4096); at least the global batch size.
+        base_momentum: float. Start of the momentum schedule, which rises to 1 (MoBY: 0.99).
+    """
+
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    proj_layers: int = 2
+    pred_layers: int = 2
+    temperature: float = 0.2
+    queue_size: int = 4096
+    base_momentum: float = 0.99
 
 
 @keras.saving.register_keras_serializable(package="histokd")
-class MoBY(keras.Model):
+class MoBY(Method):
     """MoBY: online encoder + projector + predictor, momentum target, two key queues.
 
     ``fit`` trains it on a dataset yielding ``({"view_a": x1, "view_b": x2}, labels)``
@@ -154,8 +108,11 @@ class MoBY(keras.Model):
         >>> moby.encoder.save("online_encoder.keras")
     """
 
-    #: one encoder chain per view: the runtime's CPU thread plan runs them side by side
-    cpu_streams = 2
+    Config = MoBYConfig
+    config_section = "moby"
+    cpu_streams = 2  # one encoder chain per view: the CPU thread plan runs them side by side
+    cross_replica = "global"
+    nested = ("encoder",)
 
     def __init__(self, encoder, image_shape=None, hidden_dim=4096, out_dim=256, proj_layers=2, pred_layers=2,
                  temperature=0.2, queue_size=4096, base_momentum=0.99, total_steps=None, synchronized_bn=True,
@@ -199,19 +156,16 @@ class MoBY(keras.Model):
             )
         feat_dim = feat_shape[-1]
         mlp = dict(hidden_dim=self.hidden_dim, out_dim=self.out_dim, synchronized=self.synchronized_bn)
-        self.projector = MoBYMLP(num_layers=self.proj_layers, name="projector", **mlp)
+        self.projector = ProjectionHead.moby(num_layers=self.proj_layers, name="projector", **mlp)
         self.projector.build((None, feat_dim))
-        self.predictor = MoBYMLP(num_layers=self.pred_layers, name="predictor", **mlp)
+        self.predictor = ProjectionHead.moby(num_layers=self.pred_layers, name="predictor", **mlp)
         self.predictor.build((None, self.out_dim))
 
-        target = _clone_fresh(self.encoder, "encoder")
-        self.target_encoder = _build_on(target, self.image_shape)
-        self.target_projector = MoBYMLP.from_config(self.projector.get_config())
+        self.target_encoder = _build_on(clone_fresh(self.encoder, "encoder"), self.image_shape)
+        self.target_projector = ProjectionHead.from_config(self.projector.get_config())
         self.target_projector.build((None, feat_dim))
-        self._ema_index = {}
-        for online, tgt, what in ((self.encoder, self.target_encoder, "encoder"),
-                                  (self.projector, self.target_projector, "projector")):
-            self._ema_index[what] = self._pair_and_freeze(online, tgt, what)
+        self._teacher = MomentumTeacher([self.encoder, self.projector],
+                                        [self.target_encoder, self.target_projector], ["encoder", "projector"])
 
         rng = np.random.default_rng(self.seed)
 
@@ -225,35 +179,38 @@ class MoBY(keras.Model):
                                       trainable=False, name="queue2")
         self.queue_ptr = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False,
                                          name="queue_ptr")
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "accuracy", "momentum")}
+        self.track("loss", "accuracy", "momentum")
         self.built = True
 
-    # -- momentum target -----------------------------------------------------------------
-    @staticmethod
-    def _pair_and_freeze(online, target, what):
-        """Copy online → target, make the target's counterparts of trainable weights
-        non-trainable, and return the indices (into ``.weights``) that the EMA updates."""
-        ow, tw = online.weights, target.weights
-        if len(ow) != len(tw) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(ow, tw)):
-            raise ConfigError(f"MoBY's momentum copy of the {what} does not have the same weights as the "
-                              "original; make sure the model's get_config rebuilds the same architecture")
-        if {id(v) for v in ow} & {id(v) for v in tw}:
-            raise ConfigError(f"MoBY's momentum copy of the {what} shares variables with the original "
-                              "(a nested model was not copied); build the backbone as one functional model")
-        target.set_weights(online.get_weights())
-        trainable = {id(v) for v in online.trainable_weights}
-        index = [i for i, v in enumerate(ow) if id(v) in trainable]
-        for i in index:
-            tw[i].trainable = False  # layer stays trainable (BatchNorm batch statistics), variable does not
-        return index
+    # -- run-config hooks ------------------------------------------------------------------
+    @classmethod
+    def validate_run_config(cls, cfg):
+        mc = cls.section(cfg)
+        if mc.queue_size < cfg.train.batch_size:
+            raise ConfigError(f"moby.queue_size={mc.queue_size} must be >= train.batch_size="
+                              f"{cfg.train.batch_size} (each step enqueues one global batch of keys)")
 
+    @classmethod
+    def tiny_overrides(cls, workdir):
+        return ["moby.hidden_dim=16", "moby.out_dim=8", "moby.queue_size=16", "views.kind=multiscale",
+                "views.downsample=null"]
+
+    @classmethod
+    def from_run_config(cls, cfg, num_classes, total_steps=None):
+        """MoBY on ``model.backbone`` (Swin V2 paper §III-A; Xie et al. 2021)."""
+        mc = cls.section(cfg)
+        return cls(build_encoder(cfg, "encoder"), image_shape=image_shape(cfg), hidden_dim=mc.hidden_dim,
+                   out_dim=mc.out_dim, proj_layers=mc.proj_layers, pred_layers=mc.pred_layers,
+                   temperature=mc.temperature, queue_size=mc.queue_size, base_momentum=mc.base_momentum,
+                   total_steps=total_steps, seed=cfg.train.seed, name="moby")
+
+    @classmethod
+    def branch_input_kinds(cls, cfg):
+        return {"online": "full"}  # MoBY's online encoder, on full images (Swin V2 paper §III-A)
+
+    # -- momentum target -----------------------------------------------------------------
     def _ema_pairs(self):
-        pairs = []
-        for online, tgt, what in ((self.encoder, self.target_encoder, "encoder"),
-                                  (self.projector, self.target_projector, "projector")):
-            ow, tw = online.weights, tgt.weights
-            pairs.extend((ow[i], tw[i]) for i in self._ema_index[what])
-        return pairs
+        return self._teacher.pairs()
 
     def momentum(self, step=None):
         """Momentum m for update number ``step`` (default: ``optimizer.iterations``)."""
@@ -264,9 +221,7 @@ class MoBY(keras.Model):
 
     def momentum_update(self, m):
         """θ_target ← m·θ_target + (1 − m)·θ_online for encoder and projector."""
-        m = ops.cast(m, "float32")
-        for o, t in self._ema_pairs():
-            t.assign(m * ops.cast(t, "float32") + (1.0 - m) * ops.cast(o, "float32"))
+        self._teacher.update(m)
 
     # -- queues ---------------------------------------------------------------------------
     def enqueue(self, keys1, keys2):
@@ -299,51 +254,31 @@ class MoBY(keras.Model):
         return ops.stop_gradient(k)
 
     @staticmethod
-    def _views(x):
+    def _views_of(x):
         if not isinstance(x, dict) or "view_a" not in x or "view_b" not in x:
             raise ConfigError("MoBY expects batches ({'view_a': x1, 'view_b': x2}, labels); "
                               "use a two-view view maker")
         return x["view_a"], x["view_b"]
 
-    def _terms(self, v1, v2, k1, k2, training):
+    def before_step(self, x, y, training=True):
+        """Momentum update (training only), then the keys of both views (no gradient)."""
+        v1, v2 = self._views_of(x)
+        m = self.momentum()
+        if training:
+            self.momentum_update(m)
+        return {"m": m, "k1": gather_across_replicas(self.keys(v1)), "k2": gather_across_replicas(self.keys(v2))}
+
+    def compute_terms(self, x, y, sample_weight=None, training=False, state=None):
+        v1, v2 = self._views_of(x)
         q1 = gather_across_replicas(self.queries(v1, training))
         q2 = gather_across_replicas(self.queries(v2, training))
-        return moby_loss(q1, q2, k1, k2, self.queue1, self.queue2, self.temperature, normalize=False)
+        terms = moby_loss(q1, q2, state["k1"], state["k2"], self.queue1, self.queue2, self.temperature,
+                          normalize=False)
+        terms["momentum"] = state["m"]
+        return terms
 
-    def train_step(self, data):
-        x, _, _ = unpack(data)
-        v1, v2 = self._views(x)
-        m = self.momentum()
-        self.momentum_update(m)
-        k1 = gather_across_replicas(self.keys(v1))
-        k2 = gather_across_replicas(self.keys(v2))
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            terms = self._terms(v1, v2, k1, k2, training=True)
-            scaled = self.optimizer.scale_loss(terms["loss"])
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
-        self.enqueue(k1, k2)
-        terms["momentum"] = m
-        return self._update(terms)
-
-    def test_step(self, data):
-        x, _, _ = unpack(data)
-        v1, v2 = self._views(x)
-        k1 = gather_across_replicas(self.keys(v1))
-        k2 = gather_across_replicas(self.keys(v2))
-        terms = self._terms(v1, v2, k1, k2, training=False)
-        terms["momentum"] = self.momentum()
-        return self._update(terms)
-
-    def _update(self, terms):
-        for k, tracker in self._trackers.items():
-            tracker.update_state(terms[k])
-        return {k: t.result() for k, t in self._trackers.items()}
-
-    @property
-    def metrics(self):
-        return list(self._trackers.values())
+    def after_step(self, x, y, terms, state):
+        self.enqueue(state["k1"], state["k2"])
 
     # -- export ---------------------------------------------------------------------------
     def branch_encoders(self):
@@ -353,7 +288,7 @@ class MoBY(keras.Model):
     def get_config(self):
         cfg = super().get_config()
         cfg.update(
-            encoder=keras.saving.serialize_keras_object(self.encoder),
+            **self.serialize_nested(encoder=self.encoder),
             image_shape=list(self.image_shape),
             hidden_dim=self.hidden_dim,
             out_dim=self.out_dim,
@@ -372,9 +307,8 @@ class MoBY(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["image_shape"] = tuple(config["image_shape"])
-        return cls(**config)
+        return super().from_config(config)
 
 
 METHODS.register("moby", MoBY)

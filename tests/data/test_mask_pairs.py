@@ -334,7 +334,7 @@ def test_evaluate_symmetric_and_supervised_mask_runs(pairs, tmp_path, monkeypatc
     import keras
 
     from histokd import train as T
-    from histokd.evaluation.runner import evaluate_run
+    from histokd.tasks.classification import evaluate_classification as evaluate_run
 
     fed = _spy_features(monkeypatch)
     keras.utils.set_random_seed(0)

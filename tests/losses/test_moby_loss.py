@@ -9,7 +9,8 @@ from keras import ops
 
 import histokd  # noqa: F401
 from histokd.errors import ConfigError
-from histokd.losses.moby import moby_contrastive, moby_loss, momentum_schedule
+from histokd.losses.moby import moby_contrastive, moby_loss
+from histokd.methods.momentum import momentum_schedule
 from histokd.registry import LOSSES
 from harness import assert_loss_decreases
 

@@ -77,7 +77,7 @@ def test_loss_equals_hand_computation():
         head.kernel.assign(head.kernel * scale)
     x, y = data(4)
     out = d.forward(x)
-    terms, _ = d._terms(x, y, training=False)
+    terms = d.compute_terms(x, y, training=False)
     zs, zt = out["logits"].numpy(), out["teacher_logits"].numpy()
     np.testing.assert_allclose(zs, d.student(x).numpy(), rtol=1e-6)
     np.testing.assert_allclose(zt, d.teacher(x).numpy(), rtol=1e-6)
@@ -116,8 +116,8 @@ def test_softmax_heads_give_the_same_loss_as_logit_heads():
     for pa, pb in zip(a.aligners, b.aligners):
         pb.set_weights(pa.get_weights())
     x, y = data(4)
-    ta, _ = a._terms(x, y, training=False)
-    tb, _ = b._terms(x, y, training=False)
+    ta = a.compute_terms(x, y, training=False)
+    tb = b.compute_terms(x, y, training=False)
     for k in ("kd", "ce", "feature", "loss"):
         assert float(ta[k]) == pytest.approx(float(tb[k]), rel=1e-4, abs=1e-6)
 
@@ -126,7 +126,7 @@ def test_every_trainable_weight_gets_a_gradient():
     d = make(learnable_alphas=True, project="always")
     x, y = data(4)
     with tf.GradientTape() as tape:
-        loss = d._terms(x, y, training=True)[0]["loss"]
+        loss = d.compute_terms(x, y, training=True)["loss"]
     grads = tape.gradient(loss, d.trainable_variables)
     bad = [v.path for v, g in zip(d.trainable_variables, grads) if g is None or not np.any(g.numpy())]
     assert not bad
@@ -198,7 +198,7 @@ def test_clear_errors():
     # logit-only distillation
     d = make(student_stages=None, teacher_stages=None)
     x, y = data(4)
-    terms, _ = d._terms(x, y, training=False)
+    terms = d.compute_terms(x, y, training=False)
     assert float(terms["feature"]) == 0.0
 
 
@@ -227,7 +227,7 @@ def test_progressive_schedule_deep_to_shallow():
     # in training the mask follows optimizer.iterations: at step 0 only the deepest stage counts
     d.compile(optimizer=keras.optimizers.SGD(0.0))
     x, y = data(4)
-    terms, _ = d._terms(x, y, training=False)
+    terms = d.compute_terms(x, y, training=False)
     stage = terms["stage_losses"].numpy()
     assert float(terms["feature"]) == pytest.approx(0.1 * stage[2], rel=1e-5)
 
@@ -246,7 +246,7 @@ def test_auto_stages_from_backbones_and_student_export(tmp_path):
     assert np.isfinite(h.history["loss"][0])
     np.testing.assert_allclose(d.predict(x, verbose=0), student.predict(x, verbose=0), rtol=1e-6)
     assert_saved_model_roundtrip(d.student, x, tmp_path)
-    assert METHODS.get("distiller") is Distiller
+    assert METHODS.get("distill") is Distiller
     # the method's config rebuilds an equivalent distiller
     clone = Distiller.from_config(d.get_config())
     assert clone.stage_pairs == d.stage_pairs and clone.student_outputs == "probabilities"

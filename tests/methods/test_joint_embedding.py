@@ -124,12 +124,12 @@ def test_mirrored_equals_one_device(loss):
 def test_expander_call_views_equals_separate_calls():
     """Shared branches run the expander's dense layers once on both views; outputs and
     BatchNorm moving statistics must equal two separate calls."""
-    from histokd.layers.heads import Expander
+    from histokd.layers.heads import ProjectionHead
 
     rng = np.random.default_rng(0)
     fa = tf.constant(rng.normal(size=(6, 16)).astype("float32"))
     fb = tf.constant(rng.normal(size=(6, 16)).astype("float32") * 2 + 1)
-    one, two = Expander([24, 24, 8]), Expander([24, 24, 8])
+    one, two = ProjectionHead([24, 24, 8]), ProjectionHead([24, 24, 8])
     one.build((None, 16))
     two.build((None, 16))
     two.set_weights(one.get_weights())
@@ -145,7 +145,7 @@ def test_expander_call_views_equals_separate_calls():
 
 
 def test_shared_branches_same_result_merged_or_side_by_side(monkeypatch):
-    """With shared branches the expander runs merged (Expander.call_views) under
+    """With shared branches the expander runs merged (ProjectionHead.call_views) under
     TensorFlow's default pools and per view when histokd train's CPU thread plan runs the
     views side by side; both give the same embeddings and BatchNorm statistics."""
     import histokd.methods.joint_embedding as je

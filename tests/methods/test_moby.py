@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import histokd  # noqa: F401
 from histokd.errors import ConfigError
-from histokd.methods.moby import MoBY, MoBYMLP
+from histokd.layers.heads import ProjectionHead
+from histokd.methods.moby import MoBY
 from histokd.registry import METHODS
 from harness import assert_config_roundtrip, assert_saved_model_roundtrip
 
@@ -142,9 +143,9 @@ def test_fit_loss_finite_and_falls():
 def test_every_online_weight_gets_a_gradient():
     m = make()
     x = views()
-    k1, k2 = m.keys(x["view_a"]), m.keys(x["view_b"])
+    state = m.before_step(x, None, training=False)
     with tf.GradientTape() as tape:
-        loss = m._terms(x["view_a"], x["view_b"], k1, k2, training=True)["loss"]
+        loss = m.compute_terms(x, None, training=True, state=state)["loss"]
     grads = tape.gradient(loss, m.trainable_variables)
     bad = [v.path for v, g in zip(m.trainable_variables, grads) if g is None or not np.any(g.numpy())]
     assert not bad
@@ -164,7 +165,7 @@ def test_errors():
 
 def test_serialization_and_encoder_export(tmp_path):
     m = make()
-    assert_config_roundtrip(MoBYMLP(16, 8, num_layers=3))
+    assert_config_roundtrip(ProjectionHead.moby(16, 8, num_layers=3))
     clone = MoBY.from_config(m.get_config())
     assert clone.queue_size == m.queue_size and clone.out_dim == m.out_dim
     assert METHODS.get("moby") is MoBY

@@ -13,7 +13,7 @@ import tensorflow as tf
 import keras
 
 from histokd.layers import heads
-from histokd.layers.heads import Expander, thin_dense
+from histokd.layers.heads import ProjectionHead, thin_dense
 
 
 def _dense(units, in_dim, use_bias=True, activation=None, seed=0):
@@ -94,7 +94,7 @@ def test_mixed_precision_follows_the_layer_dtype():
 
 def test_expander_training_step_matches_plain_dense_layers():
     """The whole expander (both call paths) gives the Keras layers' outputs and gradients."""
-    exp = Expander([32, 32, 16])
+    exp = ProjectionHead([32, 32, 16])
     exp.build((None, 20))
     rng = np.random.default_rng(4)
     views = [tf.constant(rng.normal(size=(6, 20)).astype("float32")) for _ in range(2)]

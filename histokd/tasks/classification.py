@@ -1,13 +1,21 @@
-"""Evaluation of a trained run: linear probes per encoder (or the supervised head),
-label fractions, metrics and plots. Called by :func:`histokd.train.run` and ``histokd eval``."""
+"""Classification: linear probes per encoder (or the method's own head), label fractions,
+metrics, plots, and uint8-in classifiers for export.
+
+More From Less §2.2: the frozen encoder's features train a softmax dense layer
+(``eval.probe_epochs`` epochs, Adam at ``eval.probe_lr``); "for a downsampled config the
+sparse encoder is evaluated on downsampled test images and the dense encoder on
+full-resolution ones". Metrics: accuracy, balanced accuracy, macro-F1, one-vs-rest AUC,
+confusion matrix, ROC curves, embedding scatter.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import keras
 
 from histokd.evaluation.metrics import classification_metrics
 from histokd.evaluation.probe import extract_features, linear_probe, stratified_subset
+from histokd.registry import TASKS
+from histokd.tasks.base import Task
 
 
 def _test_split(source):
@@ -17,13 +25,14 @@ def _test_split(source):
     return None
 
 
-def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict:
+def evaluate_classification(cfg, model, source, run_dir, stain=None, progress=True) -> dict:
     """Evaluate every encoder of ``model`` on the input kind it was trained on.
 
     More From Less §2.2: the frozen encoder's features train a softmax dense layer for
     ``eval.probe_epochs`` epochs with Adam at ``eval.probe_lr``; "for a downsampled config
     the sparse encoder is evaluated on downsampled test images and the dense encoder on
-    full-resolution ones". A supervised model is evaluated with its own head. Each
+    full-resolution ones". A branch whose head was trained with the method (the method's
+    ``trained_heads()``: a supervised classifier) is evaluated with that head. Each
     encoder reads its own input (:func:`histokd.data.datasets.branch_input`): on a
     mask_pairs source (Table 2) mask encoders get ``x["mask"]`` and image encoders
     ``x["image"]`` of the same tiles.
@@ -33,7 +42,11 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
         ``test_split`` and ``_heads`` (branch → (head model, preprocess spec)) for export.
     """
     from histokd.data.views import Downsample
-    from histokd.data.datasets import branch_input, branch_input_kinds, eval_dataset
+    from histokd.data.datasets import branch_input, eval_dataset
+    from histokd.registry import METHODS
+
+    method_cls = METHODS.get(cfg.model.method)
+    model = model.evaluation_model()
 
     split = _test_split(source)
     out = {"evaluation": {}, "test_split": split, "_heads": {}}
@@ -45,8 +58,10 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
     r = cfg.views.downsample
     train_ds = eval_dataset(cfg, source, "train", stain)
     test_ds = eval_dataset(cfg, source, split, stain)
-    kinds = branch_input_kinds(cfg)
+    kinds = model.branch_input_kinds(cfg) if hasattr(model, "branch_input_kinds") else \
+        method_cls.branch_input_kinds(cfg)
     encoders = model.branch_encoders()
+    heads = model.trained_heads()
     cache = {}
     by_kind = {}
 
@@ -64,12 +79,12 @@ def evaluate_run(cfg, model, source, run_dir, stain=None, progress=True) -> dict
         pre = Downsample(r, cfg.data.image_size) if kind == "downsampled" else None
         label = f"{branch} ({kind}{' ' + str(r) + 'px' if kind == 'downsampled' else ''})"
         key = (id(enc), kind)
-        if cfg.model.method == "supervised":
+        if branch in heads:
             te_x, te_y = extract_features(enc, kind_test_ds, pre, progress, desc=f"{label} test")
-            probs = model.head(te_x).numpy()
+            probs = np.asarray(heads[branch](te_x))
             m = classification_metrics(te_y, probs, names)
             out["evaluation"][label] = {"1.0": m}
-            out["_heads"][branch] = {"head": model.head, "kind": kind, "encoder": enc}
+            out["_heads"][branch] = {"head": heads[branch], "kind": kind, "encoder": enc}
             _plots(cfg, run_dir, label, te_x, te_y, probs, names)
             continue
         if key not in cache:
@@ -109,3 +124,34 @@ def _plots(cfg, run_dir, label, feats, y, probs, names):
                                  seed=cfg.train.seed)
     except Exception as e:  # a plot must never lose a finished run's results
         print(f"[histokd] plot for {label} failed: {e}")
+
+
+class ClassificationTask(Task):
+    """Single-label classification: probes / trained heads, metrics, plots, classifiers."""
+
+    name = "classification"
+
+    def evaluate(self, cfg, model, source, run_dir, stain=None, progress=True) -> dict:
+        results = evaluate_classification(cfg, model, source, run_dir, stain=stain, progress=progress)
+        results["task"] = self.name
+        return results
+
+    def export(self, cfg, model, results, source, run_dir, stain=None) -> dict:
+        from histokd.export import export_run
+
+        return export_run(cfg, model.evaluation_model(), results.get("_heads", {}), source, run_dir, stain=stain)
+
+    def summary(self, results) -> str:
+        rows = []
+        for branch, per in results.get("evaluation", {}).items():
+            for frac, m in per.items():
+                rows.append((branch, frac, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+                             m["auc_ovr"] if m["auc_ovr"] is not None else float("nan")))
+        head = f"{'encoder (input)':<28}{'labels':>8}{'accuracy':>10}{'bal.acc':>10}{'macroF1':>10}{'AUC':>8}"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r[0]:<28}{r[1]:>8}{r[2]:>10.4f}{r[3]:>10.4f}{r[4]:>10.4f}{r[5]:>8.4f}")
+        return "\n".join(lines)
+
+
+TASKS.register("classification", ClassificationTask)
