@@ -40,6 +40,7 @@ class Registry:
     def __init__(self, kind: str, plugins: Iterable[str] = ()):
         self.kind = kind
         self._items: Dict[str, Callable] = {}
+        self._examples: Dict[str, Callable] = {}
         self._plugins = tuple(plugins)
         self._loaded = not self._plugins
 
@@ -49,13 +50,22 @@ class Registry:
             for module in self._plugins:
                 importlib.import_module(module)
 
-    def register(self, name: str, obj: Callable | None = None):
+    def register(self, name: str, obj: Callable | None = None, example: Callable | None = None):
         """Register ``obj`` under ``name`` (usable as a decorator). Registering another
-        object under a taken name raises :class:`RegistryError`."""
+        object under a taken name raises :class:`RegistryError`.
+
+        Args:
+            name: str. The lower_snake key.
+            obj: the class or function (omit to use ``register`` as a decorator).
+            example: callable returning small example inputs of ``obj`` (for losses:
+                ``(args, kwargs)``); the registry tests run every entry on them.
+        """
         def deco(fn):
             if name in self._items and self._items[name] is not fn:
                 raise RegistryError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = fn
+            if example is not None:
+                self._examples[name] = example
             return fn
 
         return deco(obj) if obj is not None else deco
@@ -63,6 +73,13 @@ class Registry:
     def unregister(self, name: str):
         """Remove ``name`` (tests that register a throw-away entry clean up with this)."""
         self._items.pop(name, None)
+        self._examples.pop(name, None)
+
+    def example(self, name: str):
+        """Example inputs of ``name`` (the ``example`` given at registration), or None."""
+        self._load()
+        fn = self._examples.get(name)
+        return None if fn is None else fn()
 
     def get(self, name: str) -> Callable:
         self._load()
@@ -88,7 +105,7 @@ class Registry:
 
 BACKBONES = Registry("backbone", ["histokd.backbones"])
 METHODS = Registry("method", ["histokd.methods"])
-LOSSES = Registry("loss", ["histokd.losses"])
+LOSSES = Registry("loss", ["histokd.losses", "histokd.losses.hovernet"])
 VIEWS = Registry("view kind", ["histokd.data.views"])
 SOURCES = Registry("data source", ["histokd.data.sources"])
 TASKS = Registry("task", ["histokd.tasks"])

@@ -250,7 +250,7 @@ def resnet50(input_size=224, weights=None, model_name=None, fused_bn=True) -> Ba
     return _keras_app_backbone("resnet50", input_size, weights, model_name, fused_bn=fused_bn)
 
 
-@register_backbone("mobilenet_v2", tiny={"input_size": 32, "alpha": 0.35})
+@register_backbone("mobilenet_v2", tiny={"input_size": 64, "alpha": 0.35})  # 2x2 last maps: a 1x1 map makes BN shifts gradient-free
 def mobilenet_v2(input_size=224, weights=None, model_name=None, alpha=1.0, fused_bn=True) -> Backbone:
     """MobileNetV2 encoder (``keras.applications.MobileNetV2``), D = 1280 for alpha ≤ 1.
 

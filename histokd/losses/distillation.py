@@ -178,6 +178,34 @@ def distillation_loss(student_logits, teacher_logits, labels=None, student_featu
     return {"loss": total, "kd": kd, "ce": ce, "feature": feature, "stage_losses": stage}
 
 
-LOSSES.register("kd_kl", kd_kl)
-LOSSES.register("distillation", distillation_loss)
-LOSSES.register("feature_alignment", feature_alignment)
+def _logits():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((8, 5)).astype("float32"), rng.standard_normal((8, 5)).astype("float32")
+
+
+def _example_kd():
+    t, s = _logits()
+    return (t, s), {}
+
+
+def _example_distillation():
+    import numpy as np
+
+    s, t = _logits()
+    rng = np.random.default_rng(1)
+    feats = [rng.standard_normal((8, 4, 4, 6)).astype("float32") for _ in range(2)]
+    return (s, t, np.arange(8) % 5, [feats[0]], [feats[1]]), {"stage_weights": [0.2]}
+
+
+def _example_features():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    return (rng.standard_normal((8, 4, 4, 6)).astype("float32"), rng.standard_normal((8, 4, 4, 6)).astype("float32")), {}
+
+
+LOSSES.register("kd_kl", kd_kl, example=_example_kd)
+LOSSES.register("distillation", distillation_loss, example=_example_distillation)
+LOSSES.register("feature_alignment", feature_alignment, example=_example_features)

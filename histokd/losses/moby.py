@@ -98,4 +98,14 @@ def moby_loss(q1, q2, k1, k2, queue1, queue2, temperature=0.2, normalize=True):
     return {"loss": a["loss"] + b["loss"], "accuracy": 0.5 * (a["accuracy"] + b["accuracy"])}
 
 
-LOSSES.register("moby", moby_loss)
+def _example():
+    """Queries, keys and queues of 8 × 16-d embeddings, 32 keys per queue (registry tests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q1, q2, k1, k2 = (rng.standard_normal((8, 16)).astype("float32") for _ in range(4))
+    return (q1, q2, k1, k2, rng.standard_normal((32, 16)).astype("float32"),
+            rng.standard_normal((32, 16)).astype("float32")), {}
+
+
+LOSSES.register("moby", moby_loss, example=_example)

@@ -74,5 +74,14 @@ class NTXentLoss(keras.losses.Loss):
         return cfg
 
 
-LOSSES.register("nt_xent", nt_xent)
-LOSSES.register("simclr", nt_xent)
+def _example_pair():
+    """Two correlated embedding batches [8, 16] (registry tests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    za = rng.standard_normal((8, 16)).astype("float32")
+    return (za, za + 0.3 * rng.standard_normal((8, 16)).astype("float32")), {}
+
+
+LOSSES.register("nt_xent", nt_xent, example=_example_pair)
+LOSSES.register("simclr", nt_xent, example=_example_pair)

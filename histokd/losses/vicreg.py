@@ -111,4 +111,13 @@ class VICRegLoss(keras.losses.Loss):
         return cfg
 
 
-LOSSES.register("vicreg", vicreg_terms)
+def _example_pair():
+    """Two correlated embedding batches [8, 16] (registry tests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    za = rng.standard_normal((8, 16)).astype("float32")
+    return (za, za + 0.3 * rng.standard_normal((8, 16)).astype("float32")), {}
+
+
+LOSSES.register("vicreg", vicreg_terms, example=_example_pair)

@@ -222,6 +222,9 @@ class Method(keras.Model):
     cross_replica: str = "mean"
     #: constructor arguments holding Keras objects, (de)serialised by the base
     nested: tuple = ()
+    #: constructor arguments for pre-built parts that ``get_config`` leaves out because the
+    #: other arguments rebuild them (e.g. expanders from their widths)
+    rebuilt_args: tuple = ()
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

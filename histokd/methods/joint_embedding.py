@@ -90,6 +90,7 @@ class JointEmbedding(Method):
     supports_device_augment = True
     cross_replica = "global"
     nested = ("encoder_a", "encoder_b")
+    rebuilt_args = ("expander_a", "expander_b")
     #: the loss a registered subclass trains with (VICReg, SimCLR)
     default_loss = "vicreg"
 

@@ -36,7 +36,7 @@ class Supervised(Method):
     batch_inputs = ("image",)
     supports_device_augment = True
     cross_replica = "mean"
-    nested = ("encoder",)
+    nested = ("encoder", "head")
 
     def __init__(self, encoder, num_classes, head=None, **kwargs):
         super().__init__(**kwargs)
@@ -84,7 +84,7 @@ class Supervised(Method):
 
     def get_config(self):
         cfg = super().get_config()
-        cfg.update(self.serialize_nested(encoder=self.encoder), num_classes=self.num_classes)
+        cfg.update(self.serialize_nested(encoder=self.encoder, head=self.head), num_classes=self.num_classes)
         return cfg
 
 
