@@ -24,12 +24,6 @@ from histokd.errors import (  # noqa: E402
 )
 
 # Register every serialisable layer/model so exported .keras files reload after `import histokd`.
-from histokd import layers as _layers  # noqa: E402,F401
-from histokd import losses as _losses  # noqa: E402,F401
-from histokd import methods as _methods  # noqa: E402,F401
-from histokd import backbones as _backbones  # noqa: E402,F401
-from histokd import tasks as _tasks  # noqa: E402,F401
-from histokd.data import augment as _augment, views as _views  # noqa: E402,F401
-from histokd import stain as _stain  # noqa: E402,F401
-from histokd.nuclei import hovernet as _hovernet  # noqa: E402,F401
-from histokd.losses import hovernet as _hovernet_losses  # noqa: E402,F401
+from histokd.registry import register_keras_objects as _register  # noqa: E402
+
+_register()

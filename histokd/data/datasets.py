@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from histokd.config import RunConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the run config is passed in; data never imports the config layer
+    from histokd.config import RunConfig
 
 
 def build_data(cfg: RunConfig):

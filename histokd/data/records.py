@@ -231,7 +231,7 @@ def prepare(source: Source, out_dir, image_size=None, shard_size: int = 1024, on
                     "source_path"])
         w.writerows(rows)
     os.replace(out / ".records.csv.partial", out / "records.csv")
-    from histokd import __version__
+    from histokd._version import __version__
 
     size = [int(v) for v in next(iter(sizes))] if len(sizes) == 1 else None
     meta = {

@@ -136,7 +136,9 @@ def load_run_encoders(run_dir, branches: Sequence[str] | None = None) -> Dict[st
     """
     import keras
 
-    import histokd  # noqa: F401  (registers the custom objects)
+    from histokd.registry import register_keras_objects
+
+    register_keras_objects()
 
     run_dir = Path(run_dir)
     export = run_dir if (run_dir / "metadata.json").exists() else run_dir / "export"

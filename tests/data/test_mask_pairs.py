@@ -292,7 +292,7 @@ def test_branch_input():
 # --------------------------------------------------------------------------- evaluation
 def _spy_features(monkeypatch):
     """Record the first batch each extract_features call feeds its encoder."""
-    from histokd.evaluation import runner
+    from histokd.tasks import classification as runner
 
     fed, real = {}, runner.extract_features
 

@@ -40,7 +40,7 @@ from histokd.data.sources.base import (SPLITS, _SPLIT_ALIASES, Record, Source, S
                                        _check_fractions, _check_split, _get, _need_path, _portion, _tqdm,
                                        stratified_split)
 from histokd.data.sources.combined import CombinedSource
-from histokd.data.sources.files import FilePlan, _tf_can_decode, check_files
+from histokd.data.sources.files import FilePlan, FileSource, _tf_can_decode, check_files
 from histokd.data.sources.folder import FolderSource, _find_images, _is_hidden, _subdirs
 from histokd.data.sources.manifest import _MAX_LISTED, ManifestSource
 from histokd.data.sources.mask_pairs import (_FINGERPRINT_BUCKETS, _MASK_SHARD, MASK_PAIR_INPUTS, MASK_PAIR_LABELS,
@@ -89,14 +89,20 @@ def build_source(data_cfg) -> Source:
     shim = SimpleNamespace(**{f: _get(data_cfg, f) for f in fields})
     shim.test_fraction = 0.0
     main = SOURCES.get(kind).from_config(shim)
-    test = main.external_test_source(test_path, seed=_get(data_cfg, "seed", 0),
-                                     image_size=_get(data_cfg, "image_size", 64))
+    seed, size = _get(data_cfg, "seed", 0), _get(data_cfg, "image_size", 64)
+    test = main.external_test_source(test_path, seed=seed, image_size=size)
+    if test is None:  # the default: whatever source the path holds
+        import warnings
+
+        with warnings.catch_warnings():  # an external test set may well hold a single class
+            warnings.filterwarnings("ignore", message=".*single class folder")
+            test = source_from_path(test_path, val_fraction=0.0, test_fraction=0.0, seed=seed, image_size=size)
     return CombinedSource(main, test)
 
 
 __all__ = [
     "SPLITS", "Record", "SplitPlan", "Source", "stratified_split", "array_to_rgb_uint8",
-    "ArrayPlan", "FilePlan", "TFRecordPlan", "MaskPairPlan", "check_files", "check_mask_pairs",
+    "ArrayPlan", "FilePlan", "FileSource", "TFRecordPlan", "MaskPairPlan", "check_files", "check_mask_pairs",
     "ArraySource", "FolderSource", "ManifestSource", "MedMNISTSource", "SyntheticSource", "TFRecordSource",
     "MaskPairSource", "CombinedSource", "AutoSource", "MEDMNIST_LABELS", "MASK_PAIR_LABELS", "MASK_PAIR_INPUTS",
     "is_mask_dataset", "path_fingerprints", "parse_example", "resize_mask_tf", "source_from_path", "build_source",

@@ -193,10 +193,9 @@ class Source:
                         "use histokd.data.make_dataset(source, split, ...) to read it")
 
     def plan(self, split: str) -> SplitPlan:
-        """How ``split`` is read (see :class:`SplitPlan`); image files by default."""
-        from histokd.data.sources.files import FilePlan
-
-        return FilePlan(self.records(_check_split(split)))
+        """How ``split`` is read (see :class:`SplitPlan`)."""
+        raise NotImplementedError(f"{type(self).__name__} must say how its splits are read (plan); "
+                                  "file-backed sources derive from histokd.data.sources.files.FileSource")
 
     def external_plan(self, records, label_map) -> SplitPlan:
         """A plan reading every split of this source as another source's test split.
@@ -205,19 +204,12 @@ class Source:
             records: list[Record]. Those splits' records, relabelled for the other source.
             label_map: int array. This source's label ``i`` is the other's ``label_map[i]``.
         """
-        from histokd.data.sources.files import FilePlan
+        raise NotImplementedError(f"{type(self).__name__} cannot serve as an external test set (external_plan)")
 
-        return FilePlan(list(records))
-
-    def external_test_source(self, test_path, seed=0, image_size=64) -> "Source":
-        """The source of ``data.test_path`` (an external test set) beside this one."""
-        import warnings
-
-        from histokd.data.sources.auto import source_from_path
-
-        with warnings.catch_warnings():  # an external test set may well hold a single class
-            warnings.filterwarnings("ignore", message=".*single class folder")
-            return source_from_path(test_path, val_fraction=0.0, test_fraction=0.0, seed=seed, image_size=image_size)
+    def external_test_source(self, test_path, seed=0, image_size=64) -> "Source | None":
+        """The source of ``data.test_path`` (an external test set) beside this one, or None
+        for the default: the source detected at that path (:func:`build_source`)."""
+        return None
 
     # -- reading (histokd.data.pipeline / records call these) ---------------------
     def to_dataset(self, split, image_size, training, seed=0, on_bad_image="error", cache=False,
@@ -238,8 +230,10 @@ class Source:
             validate=validate, shuffle_buffer=shuffle_buffer, progress=progress)
 
     def example_bytes(self, split, image_size) -> int | None:
-        """Bytes of one decoded example of ``split``; None if it already lives in memory."""
-        return self.plan(_check_split(split)).example_bytes(image_size)
+        """Bytes of one decoded example of ``split``; None if it already lives in memory
+        (or the source reads itself without a plan and cannot tell)."""
+        plan = self._plan_or_none(split)
+        return None if plan is None else plan.example_bytes(image_size)
 
     def prepare_reader(self, split):
         """``(records, labels, load)`` of ``split`` for ``histokd data prepare``.
@@ -253,7 +247,15 @@ class Source:
 
     def stored_image_size(self, split):
         """``[h, w]`` of the first stored image of ``split`` (None if unknown)."""
-        return self.plan(_check_split(split)).stored_image_size()
+        plan = self._plan_or_none(split)
+        return None if plan is None else plan.stored_image_size()
+
+    def _plan_or_none(self, split):
+        # a source that overrides to_dataset need not have a plan
+        try:
+            return self.plan(_check_split(split))
+        except NotImplementedError:
+            return None
 
     def describe(self) -> dict:
         """A JSON-able description (type and arguments) stored with prepared data."""

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from histokd.data.decode import _HINT, check_image_header, decode_image_file, decode_image_tf, resize_tf
-from histokd.data.sources.base import Source, SplitPlan, _bounded_map, _tqdm
+from histokd.data.sources.base import Source, SplitPlan, _bounded_map, _check_split, _tqdm
 from histokd.errors import BadImageError, DataError
 
 _FULL_CHECK_LIMIT = 2000
@@ -148,3 +148,13 @@ def check_files(source: Source, split: str, records, on_bad_image="error", valid
         warnings.warn(f"skipped {len(bad)} undecodable image(s) of {len(records)} in split {split!r} "
                       f"(data.on_bad_image=skip); they are listed in source.skipped", stacklevel=3)
     return good, use_tf
+
+
+class FileSource(Source):
+    """A source whose examples are image files (folders, manifests): read through :class:`FilePlan`."""
+
+    def plan(self, split: str) -> SplitPlan:
+        return FilePlan(self.records(_check_split(split)))
+
+    def external_plan(self, records, label_map) -> SplitPlan:
+        return FilePlan(list(records))

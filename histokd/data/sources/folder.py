@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from histokd.data.decode import IMAGE_EXTENSIONS
+from histokd.data.sources.files import FileSource
 from histokd.data.sources.base import (SPLITS, _SPLIT_ALIASES, Record, Source, _check_fractions, _check_split, _get,
                                        _need_path, stratified_split)
 from histokd.errors import DataError
@@ -32,7 +33,7 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 @SOURCES.register("folder")
-class FolderSource(Source):
+class FolderSource(FileSource):
     """Images in one sub-folder per class (searched recursively).
 
     Layouts::

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from histokd.data.sources.files import FileSource
 from histokd.data.sources.base import (SPLITS, _SPLIT_ALIASES, Record, Source, _check_fractions, _check_split, _get,
                                        _need_path, stratified_split)
 from histokd.errors import DataError
@@ -16,7 +17,7 @@ _MAX_LISTED = 10
 
 
 @SOURCES.register("manifest")
-class ManifestSource(Source):
+class ManifestSource(FileSource):
     """Images listed in a CSV manifest, validated on load.
 
     Columns: ``path`` and ``label`` (required); ``split``, ``slide_id``,
