@@ -78,6 +78,17 @@ def _with_stain(ds, stain):
     return ds.map(lambda x, y: (apply_stain(stain, x), y), num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _map_views(ds, view_maker):
+    """``ds`` turned into views. A view maker with a ``map`` method pairs every batch with its
+    own seed from a seeded ``tf.data.Dataset.random``, so the views do not depend on the
+    order in which a parallel map runs (a run is reproducible); a plain callable is mapped."""
+    if view_maker is None:
+        return ds
+    if hasattr(view_maker, "map"):
+        return view_maker.map(ds)
+    return ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def train_dataset(cfg: RunConfig, source, global_batch: int, view_maker, stain=None):
     """Shuffled, repeated training batches, stain-normalised, turned into views by ``view_maker``
     (None when the views are made on the device, ``views.augment_on=device``)."""
@@ -87,9 +98,7 @@ def train_dataset(cfg: RunConfig, source, global_batch: int, view_maker, stain=N
                       seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image,
                       cache=cfg.data.cache, repeat=True, drop_remainder=True)
     ds = _with_stain(ds, stain)
-    if view_maker is not None:
-        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _map_views(ds, view_maker).prefetch(tf.data.AUTOTUNE)
 
 
 def val_dataset(cfg: RunConfig, source, view_maker, stain=None):
@@ -103,9 +112,7 @@ def val_dataset(cfg: RunConfig, source, view_maker, stain=None):
                       seed=cfg.train.seed + 1, on_bad_image=cfg.data.on_bad_image,
                       cache=cfg.data.cache, drop_remainder=True)
     ds = _with_stain(ds, stain)
-    if view_maker is not None:
-        ds = ds.map(view_maker, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _map_views(ds, view_maker).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(cfg: RunConfig, source, split: str, stain=None, batch_size=None):

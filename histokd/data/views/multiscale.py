@@ -258,11 +258,11 @@ def make_multiscale_views(size=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mag
 class MultiscaleViewMaker:
     """MoBY's view maker: two multi-scale crops, each then augmented (optional).
 
-    ``vm(images, labels)`` returns ``({"view_a", "view_b"}, labels)``. The crops draw
-    from op-level seeded stateful ops (fresh windows every batch, reproducible run to
-    run); the augmentation draws one stateless seed per batch from a
-    ``tf.random.Generator`` and splits it between the two views, so switching the
-    augmentation on leaves the crops' random stream untouched.
+    ``vm(images, labels)`` returns ``({"view_a", "view_b"}, labels)``. Every batch's
+    views are a function of one stateless seed, split between the crops and the two
+    views' augmentations (so switching the augmentation on leaves the crops untouched);
+    :meth:`map` draws those seeds from a seeded ``tf.data.Dataset.random``, so a run is
+    reproducible even under a parallel map.
 
     Args:
         size: int. Output size of every view.
@@ -290,13 +290,25 @@ class MultiscaleViewMaker:
                 self._generator = tf.random.Generator.from_seed(self.seed)
         return self._generator.make_seeds(1)[:, 0]
 
-    def __call__(self, images, labels=None):
-        views = self._crops(images, seed=self.seed)
+    def __call__(self, images, labels=None, seed=None):
+        """Views of one batch; ``seed`` ([2] int tensor) makes them a function of the seed
+        (:meth:`map` gives every batch its own), else a seed is drawn from the generator."""
+        if seed is None:
+            seed = self._draw_seed()
+        crop_seed, sa, sb = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3))
+        views = self._crops(images, seed=crop_seed)
         if self.cfg is not None:
-            sa, sb = tf.unstack(tf.random.experimental.stateless_split(self._draw_seed(), 2))
             views = {"view_a": augment_batch(views["view_a"], sa, self.cfg),
                      "view_b": augment_batch(views["view_b"], sb, self.cfg)}
         return views if labels is None else (views, labels)
+
+    def map(self, dataset, num_parallel_calls=tf.data.AUTOTUNE, deterministic=None):
+        """Maps the view maker over a batched ``(images, labels)`` dataset, pairing every batch
+        with a seed from a seeded ``tf.data.Dataset.random`` (reproducible under parallel maps)."""
+        seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
+        return tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda el, s: self(el[0], el[1], seed=s), num_parallel_calls=num_parallel_calls,
+            deterministic=deterministic)
 
 
 @VIEWS.register("multiscale")
