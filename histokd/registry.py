@@ -117,20 +117,6 @@ def register_keras_objects():
         importlib.import_module(module)
 
 
-#: modules whose import registers every serialisable histokd layer/model with Keras
-KERAS_OBJECT_MODULES = ("histokd.layers", "histokd.losses", "histokd.losses.hovernet", "histokd.methods",
-                        "histokd.backbones", "histokd.tasks", "histokd.data.augment", "histokd.data.views",
-                        "histokd.stain", "histokd.nuclei.hovernet")
-
-
-def register_keras_objects():
-    """Import every module that registers histokd's custom Keras objects, so a ``.keras``
-    file written by histokd loads with ``keras.saving.load_model`` (what ``import histokd``
-    does; for modules that must not import the package root)."""
-    for module in KERAS_OBJECT_MODULES:
-        importlib.import_module(module)
-
-
 BACKBONES = Registry("backbone", ["histokd.backbones"])
 METHODS = Registry("method", ["histokd.methods"])
 LOSSES = Registry("loss", ["histokd.losses", "histokd.losses.hovernet"])

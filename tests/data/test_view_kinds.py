@@ -86,30 +86,37 @@ def _ms_cfg(augment):
                                                    "moby.queue_size=512", f"views.augment={augment}"])
 
 
-def test_multiscale_augment_off_is_todays_crops_and_on_differs():
+def test_multiscale_augment_off_is_the_crops_and_on_differs():
     x = _batch("multiscale")
     y = tf.zeros([4], tf.int32)
     off_cfg = _ms_cfg("false")
-    # today's view maker: the crop pair with the run's integer seed, in a tf.data map
     crops = make_multiscale_views(size=S, scale=tuple(off_cfg.views.crop_scale),
                                   magnify_prob=off_cfg.views.magnify_prob,
                                   magnification=off_cfg.views.magnification)
-    seed = int(off_cfg.train.seed)
+    seeds = [tf.constant([3, 4 + i], tf.int64) for i in range(2)]
+
+    def crop_only(b, s):
+        # the maker splits each batch's seed into the crops' seed and the two views' seeds
+        return crops(b, seed=tf.unstack(tf.random.experimental.stateless_split(s, 3))[0])
 
     def run(fn):
-        ds = tf.data.Dataset.from_tensors((x, y)).repeat(2).map(fn)
-        return [{k: v.numpy() for k, v in views.items()} for views, _ in ds]
+        return [{k: v.numpy() for k, v in fn(x, y, s)[0].items()} for s in seeds]
 
-    today = run(lambda b, lab: (crops(b, seed=seed), lab))
-    off = run(VIEWS.get("multiscale").from_run_config(off_cfg, True))
-    on = run(VIEWS.get("multiscale").from_run_config(_ms_cfg("true"), True))
+    today = run(lambda b, lab, s: (crop_only(b, s), lab))
+    off = run(lambda b, lab, s: VIEWS.get("multiscale").from_run_config(off_cfg, True)(b, lab, seed=s))
+    on_vm = VIEWS.get("multiscale").from_run_config(_ms_cfg("true"), True)
+    on = run(lambda b, lab, s: on_vm(b, lab, seed=s))
     for t, o, a in zip(today, off, on):
         for k in ("view_a", "view_b"):
-            np.testing.assert_array_equal(o[k], t[k])
+            np.testing.assert_array_equal(o[k], t[k])  # augmentation off: exactly the crops
             assert a[k].shape == t[k].shape and not np.allclose(a[k], t[k])
         # independent draws per view
         assert not np.allclose(a["view_a"] - o["view_a"], a["view_b"] - o["view_b"])
+    assert not np.allclose(today[0]["view_a"], today[1]["view_a"])  # another seed, other crops
+
     # evaluation-time view makers are not augmented
-    val = run(VIEWS.get("multiscale").from_run_config(_ms_cfg("true"), False))
-    for t, v in zip(today, val):
-        np.testing.assert_array_equal(v["view_a"], t["view_a"])
+    val_vm = VIEWS.get("multiscale").from_run_config(_ms_cfg("true"), False)
+    off_vm = VIEWS.get("multiscale").from_run_config(off_cfg, True)
+    for s in seeds:
+        v, o = val_vm(x, y, seed=s)[0], off_vm(x, y, seed=s)[0]
+        np.testing.assert_array_equal(v["view_a"], o["view_a"])

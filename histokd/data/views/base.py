@@ -409,7 +409,32 @@ def _check(kind, image_size, downsample):
             )
 
 
-class ViewMaker:
+class SeededViewMaker:
+    """Per-batch seeds of a view maker (shared by :class:`ViewMaker` and MoBY's multiscale maker).
+
+    A subclass sets ``seed`` (int) and takes ``seed=`` in ``__call__``. :meth:`_draw_seed`
+    draws a seed from a ``tf.random.Generator`` (for calls without one, e.g. inside a
+    training step); :meth:`_map_with_seeds` pairs every dataset element with its own seed
+    from a seeded ``tf.data.Dataset.random``, so the views do not depend on the order in
+    which a parallel map runs.
+    """
+
+    seed = 0
+    _generator = None
+
+    def _draw_seed(self):
+        if self._generator is None:
+            with tf.init_scope():
+                self._generator = tf.random.Generator.from_seed(self.seed)
+        return self._generator.make_seeds(1)[:, 0]
+
+    def _map_with_seeds(self, dataset, fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=None):
+        seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
+        return tf.data.Dataset.zip((dataset, seeds)).map(
+            fn, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+class ViewMaker(SeededViewMaker):
     """Callable for ``dataset.map`` that turns a batch into a dict of views.
 
     Use :func:`make_view_maker` to build one. ``vm(images, labels)`` returns
@@ -458,12 +483,6 @@ class ViewMaker:
         self.mask_interpolation = mask_interpolation
         self._generator = None
 
-    def _draw_seed(self):
-        if self._generator is None:
-            with tf.init_scope():
-                self._generator = tf.random.Generator.from_seed(self.seed)
-        return self._generator.make_seeds(1)[:, 0]
-
     def __call__(self, images, labels=None, seed=None):
         if self.cfg is not None and seed is None:
             seed = self._draw_seed()
@@ -487,7 +506,6 @@ class ViewMaker:
         Returns:
             tf.data.Dataset of ``views`` or ``(views, labels)``.
         """
-        seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
         spec = dataset.element_spec
         # a 2-tuple is (images, labels), except (mask, image) batches of the mask kinds
         with_labels = isinstance(spec, tuple) and len(spec) == 2 and (
@@ -498,9 +516,7 @@ class ViewMaker:
             fn = lambda el, s: self(el[0], el[1], seed=s)  # noqa: E731
         else:
             fn = lambda el, s: self(el, seed=s)  # noqa: E731
-        return tf.data.Dataset.zip((dataset, seeds)).map(
-            fn, num_parallel_calls=num_parallel_calls, deterministic=deterministic
-        )
+        return self._map_with_seeds(dataset, fn, num_parallel_calls, deterministic)
 
     def get_config(self) -> dict:
         return dict(

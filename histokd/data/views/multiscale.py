@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from histokd.data.augment import augment_batch, resolve_config
-from histokd.data.views.base import ViewKind, _augment_dict
+from histokd.data.views.base import SeededViewMaker, ViewKind, _augment_dict
 from histokd.errors import ConfigError
 from histokd.registry import VIEWS
 
@@ -255,7 +255,7 @@ def make_multiscale_views(size=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mag
     return view_maker
 
 
-class MultiscaleViewMaker:
+class MultiscaleViewMaker(SeededViewMaker):
     """MoBY's view maker: two multi-scale crops, each then augmented (optional).
 
     ``vm(images, labels)`` returns ``({"view_a", "view_b"}, labels)``. Every batch's
@@ -284,12 +284,6 @@ class MultiscaleViewMaker:
         self.cfg = None if aug_cfg is None else resolve_config(aug_cfg)
         self._generator = None
 
-    def _draw_seed(self):
-        if self._generator is None:
-            with tf.init_scope():
-                self._generator = tf.random.Generator.from_seed(self.seed)
-        return self._generator.make_seeds(1)[:, 0]
-
     def __call__(self, images, labels=None, seed=None):
         """Views of one batch; ``seed`` ([2] int tensor) makes them a function of the seed
         (:meth:`map` gives every batch its own), else a seed is drawn from the generator."""
@@ -305,10 +299,8 @@ class MultiscaleViewMaker:
     def map(self, dataset, num_parallel_calls=tf.data.AUTOTUNE, deterministic=None):
         """Maps the view maker over a batched ``(images, labels)`` dataset, pairing every batch
         with a seed from a seeded ``tf.data.Dataset.random`` (reproducible under parallel maps)."""
-        seeds = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).batch(2)
-        return tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda el, s: self(el[0], el[1], seed=s), num_parallel_calls=num_parallel_calls,
-            deterministic=deterministic)
+        return self._map_with_seeds(dataset, lambda el, s: self(el[0], el[1], seed=s), num_parallel_calls,
+                                    deterministic)
 
 
 @VIEWS.register("multiscale")
