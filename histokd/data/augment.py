@@ -71,9 +71,8 @@ without XLA, resampling with ``tf.raw_ops.ImageProjectiveTransformV3``.
 The numeric config fields enter the compiled function as one tensor, so
 configs that differ only in numbers share one compilation; XLA compiles
 once per input shape (about 1.5 CPU-seconds, once per process and once per
-``tf.data`` pipeline). Measured on 2 CPU cores at 224 px: ~1.9 ms of CPU per
-view (resample ~1.0, colour ~0.4, noise ~0.4) against ~20 ms for the stock
-Keras-layer stack.
+``tf.data`` pipeline). It costs about a tenth of the CPU of the stock
+Keras-layer stack (figures: docs/benchmarks.md).
 
 :func:`stock_augment_batch` builds the same augmentations from Keras 3 core
 layers (``RandomFlip``, ``RandomRotation``, ``GaussianNoise``,

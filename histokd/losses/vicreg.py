@@ -29,7 +29,7 @@ def _var_cov(z, gamma, eps):
     The diagonal of C(Z) is the unbiased per-dimension variance, which the variance term
     needs anyway; it is taken from there (Σ_i (z_ij − z̄_j)² / (N−1)) instead of from the
     matrix product, so the loss builds no [D, D] diagonal extraction — and its gradient no
-    [D, D] diagonal matrix (measured: ~2 % of the More From Less training step at D=2048).
+    [D, D] diagonal matrix (a few per cent of the training step at D=2048; docs/benchmarks.md).
     The off-diagonal sum of squares is Σ_ij C_ij² − Σ_j C_jj², the first from
     :func:`_cov_sq_sum`.
     """
