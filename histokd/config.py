@@ -64,7 +64,9 @@ class DataConfig:
         path: str. Path of the source (unused for ``synthetic``).
         test_path: str. Optional second source used entirely as the test split
             (e.g. CRC-VAL-HE-7K beside NCT-CRC-HE-100K, as in More From Less §2.3).
-        image_size: int. Working size in pixels (224 in the paper).
+        image_size: int or list. Working size in pixels (224 in the paper): an int for square
+            tiles, ``[H, W]`` (square only, for now) or ``[D, H, W]`` for a 3-D backbone; the
+            rank must be the backbone's.
         val_fraction, test_fraction: float. Stratified, seeded split fractions for sources without splits.
         seed: int. Seed of the split and of shuffling.
         synthetic_per_class, synthetic_classes: int. Size of the synthetic demo set.
@@ -85,7 +87,7 @@ class DataConfig:
     source: str = "synthetic"
     path: Optional[str] = None
     test_path: Optional[str] = None
-    image_size: int = 64
+    image_size: Any = 64
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
@@ -416,6 +418,33 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def _validate_image_size(cfg: RunConfig):
+    """``data.image_size``: an int (square tiles) or a list of 2 (H, W) / 3 (D, H, W) sides,
+    whose rank must be the backbone's; a square [S, S] becomes S."""
+    from histokd.backbones._common import backbone_spatial_rank
+
+    size = cfg.data.image_size
+    sides = [size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if (not isinstance(sides, (list, tuple)) or len(sides) not in (1, 2, 3)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
+            or (len(sides) == 1 and not isinstance(size, int))):
+        raise ConfigError(f"data.image_size must be an integer (square tiles), [H, W] or [D, H, W], got {size!r}")
+    if min(sides) < 8:
+        raise ConfigError(f"data.image_size must be >= 8, got {size!r}")
+    rank = 2 if len(sides) <= 2 else 3
+    backbone_rank = backbone_spatial_rank(cfg.model.backbone)
+    if rank != backbone_rank:
+        raise ConfigError(f"data.image_size={size!r} is a {rank}-D size but model.backbone={cfg.model.backbone} "
+                          f"reads {backbone_rank}-D inputs; give {'[D, H, W]' if backbone_rank == 3 else 'an int'} "
+                          "or choose a backbone of that rank")
+    if rank == 2 and len(sides) == 2:
+        if sides[0] != sides[1]:
+            raise ConfigError(f"data.image_size={size!r}: the 2-D pipelines work on square tiles (every image "
+                              "is resized to S x S); give one side, e.g. data.image_size="
+                              f"{max(sides)}")
+        cfg.data.image_size = int(sides[0])
+
+
 def _check_choices(cfg: RunConfig):
     from histokd.registry import METHODS, TASKS
 
@@ -468,8 +497,7 @@ def _validate(cfg: RunConfig):
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     parse_cpu_threads(t.cpu_threads)
-    if cfg.data.image_size < 8:
-        raise ConfigError(f"data.image_size must be >= 8, got {cfg.data.image_size}")
+    _validate_image_size(cfg)
     if cfg.views.downsample is not None and cfg.views.downsample < 1:
         raise ConfigError(f"views.downsample must be a positive size in pixels or null, got {cfg.views.downsample}")
     _validate_method(cfg)

@@ -2,10 +2,11 @@
 
 Backbones, methods, losses, view kinds, data sources and tasks register themselves
 under a lower_snake key when their module is imported. A registry knows which
-built-in modules hold its entries and imports them the first time it is asked for a
-name, so ``METHODS.get("vicreg")`` works without importing the method modules first,
-and a plugin of the user's (a method defined in their own file) joins by importing
-``histokd.registry`` and calling :meth:`Registry.register`.
+built-in packages hold its entries and, the first time it is asked for a name,
+imports each of them and every public module inside it — so a new built-in method is
+one new file in ``histokd/methods/`` (no list to edit), ``METHODS.get("vicreg")`` works
+without importing anything first, and a plugin of the user's (a method defined in their
+own file) joins by importing ``histokd.registry`` and calling :meth:`Registry.register`.
 
 Example:
     >>> from histokd.registry import METHODS
@@ -23,13 +24,25 @@ from typing import Callable, Dict, Iterable
 from histokd.errors import RegistryError
 
 
+def import_package(name: str):
+    """Import the module ``name`` and, if it is a package, every public module below it."""
+    import pkgutil
+
+    module = importlib.import_module(name)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=name + "."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            importlib.import_module(info.name)
+    return module
+
+
 class Registry:
     """A named mapping from lower_snake keys to classes or factories.
 
     Args:
         kind: str. What the registry holds ("backbone", "loss", ...), used in errors.
-        plugins: iterable of str. Modules whose import registers the built-in entries;
-            imported on the first look-up.
+        plugins: iterable of str. Packages (or modules) whose import registers the built-in
+            entries; on the first look-up each is imported with every public submodule
+            (names not starting with ``_``).
 
     Example:
         >>> BACKBONES = Registry("backbone")
@@ -48,7 +61,7 @@ class Registry:
         if not self._loaded:
             self._loaded = True  # first, so a plugin that looks itself up does not recurse
             for module in self._plugins:
-                importlib.import_module(module)
+                import_package(module)
 
     def register(self, name: str, obj: Callable | None = None, example: Callable | None = None):
         """Register ``obj`` under ``name`` (usable as a decorator). Registering another
@@ -104,9 +117,9 @@ class Registry:
 
 
 #: modules whose import registers every serialisable histokd layer/model with Keras
-KERAS_OBJECT_MODULES = ("histokd.layers", "histokd.losses", "histokd.losses.hovernet", "histokd.methods",
-                        "histokd.backbones", "histokd.tasks", "histokd.data.augment", "histokd.data.views",
-                        "histokd.stain", "histokd.nuclei.hovernet")
+KERAS_OBJECT_MODULES = ("histokd.layers", "histokd.losses", "histokd.methods", "histokd.backbones",
+                        "histokd.tasks", "histokd.data.augment", "histokd.data.views", "histokd.stain",
+                        "histokd.nuclei.hovernet")
 
 
 def register_keras_objects():
@@ -114,12 +127,12 @@ def register_keras_objects():
     file written by histokd loads with ``keras.saving.load_model`` (what ``import histokd``
     does; for modules that must not import the package root)."""
     for module in KERAS_OBJECT_MODULES:
-        importlib.import_module(module)
+        import_package(module)
 
 
 BACKBONES = Registry("backbone", ["histokd.backbones"])
 METHODS = Registry("method", ["histokd.methods"])
-LOSSES = Registry("loss", ["histokd.losses", "histokd.losses.hovernet"])
+LOSSES = Registry("loss", ["histokd.losses"])
 VIEWS = Registry("view kind", ["histokd.data.views"])
 SOURCES = Registry("data source", ["histokd.data.sources"])
 TASKS = Registry("task", ["histokd.tasks"])

@@ -148,3 +148,20 @@ def test_config_modules_do_not_import_tensorflow():
         names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
         names += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
         assert not [n for n in names if n.split(".")[0] in ("tensorflow", "keras")], mod.__name__
+
+
+def test_image_size_int_or_sides_with_the_backbones_rank():
+    from histokd.backbones._common import backbone_spatial_rank
+
+    assert load_config("default", ["data.image_size=[48, 48]"]).data.image_size == 48
+    assert load_config("default", ["data.image_size=48"]).data.image_size == 48
+    assert backbone_spatial_rank("resnet18") == backbone_spatial_rank("swinv2_tiny") == 2
+    with pytest.raises(ConfigError, match="square tiles"):
+        load_config("default", ["data.image_size=[32, 48]"])
+    with pytest.raises(ConfigError, match="3-D size but model.backbone=resnet18 reads 2-D"):
+        load_config("default", ["data.image_size=[16, 32, 32]"])
+    for bad in ("true", "[32]", "[32, 32, 32, 32]", "'64'"):
+        with pytest.raises(ConfigError, match="data.image_size must be"):
+            load_config("default", [f"data.image_size={bad}"])
+    with pytest.raises(ConfigError, match=">= 8"):
+        load_config("default", ["data.image_size=[4, 4]"])

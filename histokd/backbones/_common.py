@@ -147,18 +147,20 @@ def tiny_kwargs(name: str) -> dict:
     return copy.deepcopy(_TINY[name])
 
 
-def register_backbone(name: str, tiny: Mapping):
+def register_backbone(name: str, tiny: Mapping, spatial_rank: int = 2):
     """Decorator: register a backbone factory under ``name`` together with its tiny kwargs.
 
     Args:
         name: str. Registry key.
         tiny: dict. Tiny kwargs (see :func:`tiny_kwargs`).
+        spatial_rank: int. Spatial axes of the inputs (2 for images, 3 for volumes).
 
     Example:
         >>> @register_backbone("my_net", tiny={"input_size": 32, "width": 0.25})
         ... def my_net(input_size=224, weights=None, width=1.0): ...
     """
     def deco(fn):
+        fn.spatial_rank = int(spatial_rank)
         BACKBONES.register(name, fn)
         register_tiny_kwargs(name, tiny)
         return fn
@@ -256,7 +258,14 @@ def register_presets(cls, presets: Mapping[str, dict], *, default_size: int, sum
         factory.__module__ = cls.__module__
         factory.__doc__ = _preset_doc(cls, key, defaults, default_size,
                                       summary.format(key=key, **defaults), cls.checkpoint_family)
+        factory.spatial_rank = int(getattr(cls, "spatial_rank", 2))
         BACKBONES.register(key, factory)
         register_tiny_kwargs(key, tiny(key) if callable(tiny) else tiny)
         factories[key] = factory
     return factories
+
+
+def backbone_spatial_rank(name: str) -> int:
+    """Spatial axes a registered backbone reads (its factory's ``spatial_rank``; 2 when a
+    factory registered by hand does not say)."""
+    return int(getattr(BACKBONES.get(name), "spatial_rank", 2))
