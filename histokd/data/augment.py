@@ -105,6 +105,8 @@ __all__ = [
     "AugmentConfig",
     "resolve_config",
     "augment_batch",
+    "gaussian_kernels",
+    "grayscale_and_blur",
     "apply_augmentation",
     "stock_augment_batch",
     "StockLayers",
@@ -652,9 +654,78 @@ def augment_batch(
     if images.shape.rank != 4:
         raise ConfigError(f"augment_batch expects a batch [B, H, W, C], got shape {images.shape}")
     u = sample_uniforms(tf.shape(images)[0], seeds[0])
-    return apply_augmentation(
+    out = apply_augmentation(
         images, u, seeds[1], cfg, output_size, geometric_only, interpolation, jit
     )
+    if geometric_only:
+        return out
+    # drawn from a seed of their own, so turning them on leaves every other draw unchanged
+    return grayscale_and_blur(out, tf.random.experimental.stateless_fold_in(_as_seed(seed), 0x6B1), cfg)
+
+
+def _luma(x):
+    return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114], x.dtype), axis=-1, keepdims=True)
+
+
+def gaussian_kernels(sigma, radius: int):
+    """Normalised 1-D Gaussian kernels ``[B, 2·radius + 1]``, one per ``sigma`` ``[B]``."""
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    k = tf.exp(-0.5 * tf.square(x[None, :] / tf.cast(sigma, tf.float32)[:, None]))
+    return k / tf.reduce_sum(k, axis=1, keepdims=True)
+
+
+def _blur_axis(x, kernels, radius: int, axis: int):
+    """Convolve ``x`` [B, H, W, C] along ``axis`` (1 or 2) with each image's kernel, reflect-padded."""
+    pad = [[0, 0], [0, 0], [0, 0], [0, 0]]
+    pad[axis] = [radius, radius]
+    xp = tf.pad(x, pad, mode="REFLECT")
+    n = tf.shape(x)[axis]
+    out = tf.zeros_like(x)
+    for i in range(2 * radius + 1):  # a handful of taps: shifted copies, weighted per image
+        part = xp[:, i:i + n] if axis == 1 else xp[:, :, i:i + n]
+        out += kernels[:, i][:, None, None, None] * part
+    return out
+
+
+def grayscale_and_blur(images, seed, cfg=None):
+    """BYOL / MoBY's random grayscale and Gaussian blur, independently per image.
+
+    Grill et al. 2020 (BYOL), Appendix B, as used by MoBY (Xie et al. 2021): with probability
+    ``p_grayscale`` a view becomes its luma (0.299 R + 0.587 G + 0.114 B) in all three
+    channels; then with probability ``p_blur`` it is blurred by a Gaussian of standard
+    deviation uniform in ``blur_sigma`` (pixels), separably, reflect-padded, the kernel
+    reaching 3 σ_max. Both run after the fused colour pass (so after solarisation, where BYOL
+    solarises last); with both probabilities 0 (the More From Less recipe) it returns
+    ``images`` unchanged and adds no op.
+
+    Args:
+        images: float32 [B, H, W, 3] in [0, 1].
+        seed: [2] int tensor. Stateless seed.
+        cfg: AugmentConfig | Mapping | None.
+
+    Returns:
+        float32 [B, H, W, 3].
+    """
+    cfg = resolve_config(cfg)
+    if cfg.p_grayscale <= 0 and cfg.p_blur <= 0:
+        return images
+    images = tf.convert_to_tensor(images, tf.float32)
+    u = tf.random.stateless_uniform([tf.shape(images)[0], 3], _as_seed(seed))
+    if cfg.p_grayscale > 0:
+        grey = tf.repeat(_luma(images), 3, axis=-1)
+        images = tf.where((u[:, 0] < cfg.p_grayscale)[:, None, None, None], grey, images)
+    if cfg.p_blur > 0:
+        lo, hi = (float(v) for v in cfg.blur_sigma)
+        radius = max(1, int(np.ceil(3.0 * hi)))
+        h, w = images.shape[1], images.shape[2]
+        if h is not None and w is not None:
+            radius = min(radius, int(h) - 1, int(w) - 1)  # reflect padding needs pad < side
+        sigma = lo + (hi - lo) * u[:, 2]
+        kernels = gaussian_kernels(sigma, radius)
+        identity = tf.one_hot(tf.fill(tf.shape(sigma), radius), 2 * radius + 1)
+        kernels = tf.where((u[:, 1] < cfg.p_blur)[:, None], kernels, identity)
+        images = _blur_axis(_blur_axis(images, kernels, radius, 1), kernels, radius, 2)
+    return images
 
 
 # ---------------------------------------------------------------------------

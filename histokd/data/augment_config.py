@@ -46,6 +46,12 @@ class AugmentConfig:
         hue: float. Hue shift range in turns (shift in [-h, h], h <= 0.5).
         brightness_mode: str. "multiplicative" (torchvision) or "additive" (tf.image).
         fill_mode: str. Fill of points outside the image: "reflect", "nearest", "constant".
+        p_grayscale: float. Probability of turning a view grey (luma in all three channels;
+            BYOL / MoBY: 0.2). Off (0) in the More From Less recipe.
+        p_blur: float. Probability of a Gaussian blur (BYOL / MoBY: 1.0 and 0.1 for the two
+            views). Off (0) in the More From Less recipe.
+        blur_sigma: tuple[float, float]. Range of the blur's standard deviation in pixels of
+            the output (uniform; BYOL: 0.1–2.0 at 224 px); the kernel reaches 3 σ_max.
 
     Example:
         >>> cfg = AugmentConfig(p_rotate=0.5, noise_std=0.02)
@@ -71,10 +77,13 @@ class AugmentConfig:
     hue: float = 0.1
     brightness_mode: str = "multiplicative"
     fill_mode: str = "reflect"
+    p_grayscale: float = 0.0
+    p_blur: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
 
     def __post_init__(self):
         # tuples (not lists) keep the config hashable: tf.function caches on it
-        for name in ("crop_scale", "crop_ratio"):
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
             value = getattr(self, name)
             try:
                 lo, hi = (float(v) for v in value)
@@ -101,6 +110,9 @@ class AugmentConfig:
             raise ConfigError(
                 f"augment.crop_ratio must satisfy 0 < low <= 1 <= high, got {self.crop_ratio}"
             )
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise ConfigError(f"augment.blur_sigma must satisfy 0 < low <= high (pixels), got {self.blur_sigma}")
         for name in ("brightness", "contrast", "saturation", "noise_std", "max_rotation"):
             if float(getattr(self, name)) < 0:
                 raise ConfigError(f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -143,6 +155,7 @@ class AugmentConfig:
         out = dataclasses.asdict(self)
         out["crop_scale"] = list(self.crop_scale)
         out["crop_ratio"] = list(self.crop_ratio)
+        out["blur_sigma"] = list(self.blur_sigma)
         return out
 
     def replace(self, **changes) -> "AugmentConfig":
