@@ -1,8 +1,10 @@
 """Run configuration: a dataclass schema, YAML loading, ``--set`` overrides, validation.
 
-A run is described by one YAML file whose sections map onto the dataclasses
-below (``data``, ``views``, ``augment``, ``model``, ``loss``, ``train``,
-``eval``, ``export``). Unknown or mistyped keys are rejected with the list of
+A run is described by one YAML file whose shared sections map onto the
+dataclasses below (``data``, ``views``, ``augment``, ``model``, ``train``,
+``eval``, ``export``, and ``task``); each method contributes its own section
+(its ``Config`` dataclass: ``loss`` for VICReg/SimCLR, ``moby``, ``distill``),
+found through the method registry. Unknown or mistyped keys are rejected with the list of
 valid keys, values are type-checked, and ``--set a.b=c`` overrides are parsed
 as YAML scalars (``--set train.epochs=3``, ``--set model.expander_dims=[64,64]``).
 
