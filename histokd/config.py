@@ -331,7 +331,6 @@ CHOICES = {
     # extraction) are registered for the library but are not choices of a run
     "data.source": _RegisteredNames(SOURCES, exclude=("auto",)),
     "data.on_bad_image": ["error", "skip"],
-    "data.stain.method": ["none", "macenko"],
     "data.stain.on_failure": ["passthrough", "error"],
     "data.label": ["tissue", "nucleus_type"],
     "data.input": ["image", "mask"],
@@ -450,7 +449,10 @@ def _validate_image_size(cfg: RunConfig):
 def _check_choices(cfg: RunConfig):
     from histokd.registry import METHODS, TASKS
 
-    choices = dict(CHOICES, **{"model.method": METHODS.names(), "task": TASKS.names()})
+    from histokd.stain import STAIN_NORMALIZERS
+
+    choices = dict(CHOICES, **{"model.method": METHODS.names(), "task": TASKS.names(),
+                               "data.stain.method": sorted(STAIN_NORMALIZERS)})
     for name, section in cfg.sections.items():
         for key, allowed in getattr(type(section), "CHOICES", {}).items():
             choices[f"{name}.{key}"] = allowed

@@ -35,10 +35,10 @@ def build_data(cfg: RunConfig):
 
 def stain_fn(cfg: RunConfig):
     """The batched stain normaliser of ``cfg.data.stain`` (a :class:`histokd.stain.StainFn`) or None."""
-    if cfg.data.stain.method == "none":
-        return None
-    from histokd.stain import make_stain_fn
+    from histokd.stain import make_stain_fn, stain_normalizes
 
+    if not stain_normalizes(cfg.data.stain.method):
+        return None
     return make_stain_fn(cfg.data.stain.method, cfg.data.stain.target, cfg.data.stain.on_failure)
 
 

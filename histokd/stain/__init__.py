@@ -26,6 +26,7 @@ from histokd.stain.macenko import (  # noqa: F401
     macenko_decompose,
     macenko_transform,
 )
+from histokd.stain.normalizer import STAIN_NORMALIZERS, stain_normalizes  # noqa: F401
 from histokd.stain.normalizer import (  # noqa: F401
     MacenkoNormalization,
     MacenkoNormalizer,
@@ -37,6 +38,7 @@ from histokd.stain.augment import StainAugmentation  # noqa: F401
 from histokd.stain.folder import normalize_folder  # noqa: F401
 
 __all__ = [
+    "STAIN_NORMALIZERS", "stain_normalizes",
     "CONSTANT_DEFAULTS",
     "MacenkoFit",
     "MacenkoNormalization",

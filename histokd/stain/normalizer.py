@@ -349,6 +349,23 @@ class StainFn:
         )
 
 
+#: ``data.stain.method`` → normaliser class (None: no stain step). A new method is one
+#: entry here plus its normaliser.
+STAIN_NORMALIZERS = {"none": None, "macenko": MacenkoNormalizer}
+
+
+def stain_normalizes(name: str) -> bool:
+    """Whether the ``data.stain.method`` ``name`` changes the images (False for ``none``).
+
+    Raises:
+        StainError: ``name`` is not a stain method.
+    """
+    key = (name or "none").lower()
+    if key not in STAIN_NORMALIZERS:
+        raise StainError(f"unknown stain method {name!r}; use one of {sorted(STAIN_NORMALIZERS)}")
+    return STAIN_NORMALIZERS[key] is not None
+
+
 def make_stain_fn(
     method: str = "macenko",
     target: Any = "torchstain",
@@ -358,7 +375,7 @@ def make_stain_fn(
     """Build the ``data.stain`` step: a callable for ``Dataset.map`` after ``batch``.
 
     Args:
-        method: "none" or "macenko".
+        method: a key of :data:`STAIN_NORMALIZERS` ("none" or "macenko").
         target: preset name ("torchstain"), image path, JSON fit path, fit or dict.
         on_failure: "passthrough" (return failing tiles unchanged and count them) or
             "error" (raise InvalidArgumentError in the pipeline, naming the fix).
@@ -372,9 +389,7 @@ def make_stain_fn(
         >>> ds = tf.data.Dataset.from_tensor_slices(tiles).batch(32).map(stain)
     """
     m = (method or "none").lower()
-    if m not in ("none", "macenko"):
-        raise StainError(f"unknown stain method {method!r}; use 'none' or 'macenko'")
     if on_failure not in ("passthrough", "error"):
         raise StainError(f"unknown on_failure {on_failure!r}; use 'passthrough' or 'error'")
-    normalizer = MacenkoNormalizer(target, **constants) if m == "macenko" else None
+    normalizer = STAIN_NORMALIZERS[m](target, **constants) if stain_normalizes(m) else None
     return StainFn(m, normalizer, on_failure)

@@ -477,8 +477,10 @@ class MaskPairSource(Source):
     def validate(cls, cfg):
         """``data.path`` is needed, and masks-only batches (``data.input: mask``) hold no
         H&E image to stain-normalise."""
+        from histokd.stain import stain_normalizes
+
         d = cfg.data
-        if d.input == "mask" and d.stain.method != "none":
+        if d.input == "mask" and stain_normalizes(d.stain.method):
             raise ConfigError("data.input=mask reads no H&E images, so nothing can be stain-normalised: set "
                               "data.stain.method=none")
         if not d.path:
